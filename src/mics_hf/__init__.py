@@ -1,0 +1,25 @@
+"""mics_hf: MiCS (scale-aware partitioning, hierarchical collectives, two-hop gradient sync) for PyTorch and HF."""
+
+from .api import MiCSConfig, MixedPrecisionPolicy
+from .collectives import CollectiveError, CommStats
+from .optim import clip_grad_norm_, grad_scaler
+from .shard import MiCSModule, is_sharded, shard_model
+from .state_dict import full_state_dict
+from .stats import comm_stats, topology_of
+
+__all__ = [
+    "MiCSConfig",
+    "MixedPrecisionPolicy",
+    "CommStats",
+    "CollectiveError",
+    "MiCSModule",
+    "shard_model",
+    "is_sharded",
+    "clip_grad_norm_",
+    "grad_scaler",
+    "full_state_dict",
+    "comm_stats",
+    "topology_of",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,58 @@
+"""What an optimizer step needs to know about shards: the global gradient norm and a shard-aware loss scaler."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .shard import get_state
+
+__all__ = ["clip_grad_norm_", "grad_scaler"]
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """Clip the shard gradients so the norm of the *whole* model's gradient is at most max_norm; return that norm.
+
+    Each partition group holds exactly one copy of every gradient element (after hop 2 all replicas agree), so
+    summing the local |g|^q over the partition group gives the global norm without touching other groups.
+    Call it after the backward that synchronised (outside no_sync()), as with torch's clip_grad_norm_.
+    """
+    state = get_state(model)
+    norm_type = float(norm_type)
+    grads = [sp.sharded.grad for _, g in state.units for sp in g.params if sp.sharded.grad is not None]
+    device = state.root_group.device
+    if norm_type == math.inf:
+        local = max((g.detach().abs().max() for g in grads if g.numel()), default=torch.zeros((), device=device))
+        total = local.to(device=device, dtype=torch.float32).clone()
+        op = dist.ReduceOp.MAX
+    else:
+        local = sum((g.detach().float().norm(norm_type) ** norm_type for g in grads if g.numel()), torch.zeros((), device=device))
+        total = local.to(torch.float32)
+        op = dist.ReduceOp.SUM
+    pg = state.units[-1][1].groups.partition.pg
+    if pg is not None:
+        dist.all_reduce(total, op=op, group=pg)
+    if norm_type != math.inf:
+        total = total ** (1.0 / norm_type)
+    clip = float(max_norm) / (total + 1e-6)
+    if grads:
+        torch._foreach_mul_(grads, torch.clamp(clip, max=1.0))
+    return total
+
+
+def grad_scaler(model: nn.Module, *, init_scale: float = 2.0**16, growth_interval: int = 2000, enabled: bool = True):
+    """A dynamic loss scaler for fp16 whose inf/nan decision is agreed by all ranks (all skip the same steps).
+
+    Shards hold different slices of the gradient, so an overflow is seen by some ranks only; the FSDP
+    ShardedGradScaler all-reduces its found-inf flag across the world, which is exactly what MiCS shards need.
+    """
+    state = get_state(model)
+    device = state.root_group.device.type
+    if dist.is_available() and dist.is_initialized():
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device=device, init_scale=init_scale, growth_interval=growth_interval, enabled=enabled)
+    return torch.amp.GradScaler(device, init_scale=init_scale, growth_interval=growth_interval, enabled=enabled)

@@ -1,0 +1,282 @@
+"""One unit's communication: its sharded parameters, the flat buffers, unshard / reshard / gradient reduction.
+
+[Note: sharding layout] Every parameter is cut along dim 0 into p blocks of `rows = ceil(d0 / p)` rows (the
+last blocks may be short or empty). Position q holds rows [q*rows, (q+1)*rows) as a real fp32 tensor: the
+optimizer, state dicts and resharding see ordinary tensors. For communication each rank lays its blocks of
+all the unit's parameters, each padded to `rows` rows, side by side in one flat segment of S elements; the
+all-gather output is p such segments, and copy-out writes each parameter's p blocks into its own padded
+unsharded storage. The reduce-scatter input is the same layout built from the unsharded gradients.
+
+[Note: persistent unsharded parameters] Each parameter has one unsharded nn.Parameter for the model's whole
+life; reshard() frees its storage (resize to 0) and unshard() re-grows and refills it. Keeping the object
+lets autograd (and activation checkpointing, which re-runs forward during backward) always see the same
+leaf, so gradients land on it whatever happened in between. Refilling goes through
+`_unsafe_preserve_version_counter` because autograd must not take the refill for an in-place edit.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from . import collectives as C
+from .api import MixedPrecisionPolicy
+from .topology import Topology
+
+__all__ = ["ShardedParam", "ParamGroup", "CommGroups", "ShardState"]
+
+
+class ShardState(enum.Enum):
+    SHARDED = "sharded"
+    GATHERING = "gathering"  # all-gather in flight (prefetch)
+    UNSHARDED = "unsharded"
+
+
+@dataclass(frozen=True)
+class CommGroups:
+    """The collective groups a unit uses, with accounting info (see collectives.Group)."""
+
+    partition: C.Group
+    replication: C.Group
+    intra_node: C.Group | None
+    inter_node: C.Group | None
+    chunk_order: tuple[int, ...]  # positions in the order the (hierarchical) all-gather leaves them
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.intra_node is not None
+
+
+class ShardedParam:
+    """A parameter of a unit: its fp32 shard, its persistent unsharded parameter and its place in the buffers."""
+
+    def __init__(self, fqn: str, param: nn.Parameter, uses: Sequence[tuple[nn.Module, str]], *, p: int, position: int, compute_dtype: torch.dtype) -> None:
+        self.fqn = fqn
+        self.uses = list(uses)  # every (module, attribute) that refers to this parameter (tied weights: several)
+        self.global_shape = param.shape
+        self.requires_grad = param.requires_grad
+        dims = tuple(param.shape) or (1,)
+        self.dim0 = dims[0]
+        self.row_numel = math.prod(dims[1:])
+        self.rows = -(-self.dim0 // p)  # ceil
+        self.padded_len = self.rows * self.row_numel  # elements of one block in the flat segment
+        start = min(position * self.rows, self.dim0)
+        stop = min(start + self.rows, self.dim0)
+        self.offsets = (start, stop)
+        with torch.no_grad():
+            local = param.detach().reshape(dims)[start:stop].to(torch.float32).clone()
+        self.sharded = nn.Parameter(local, requires_grad=param.requires_grad)
+        self.local_numel = local.numel()
+        padded = torch.empty(p * self.padded_len, dtype=compute_dtype, device=param.device)
+        self.padded = padded.view(p, self.padded_len)
+        self.unsharded = nn.Parameter(padded[: param.numel()].view(param.shape), requires_grad=param.requires_grad)
+        self._free_storage()
+        self.segment_offset = 0  # set by ParamGroup
+
+    def _free_storage(self) -> None:
+        self.unsharded.untyped_storage().resize_(0)
+
+    def _alloc_storage(self) -> None:
+        storage = self.unsharded.untyped_storage()
+        nbytes = self.padded.numel() * self.padded.element_size()
+        if storage.size() != nbytes:
+            storage.resize_(nbytes)
+
+    def point_modules_to(self, tensor: nn.Parameter) -> None:
+        for module, name in self.uses:
+            module._parameters[name] = tensor
+
+
+class ParamGroup:
+    """The parameters of one unit, gathered and freed together, and their gradient reduction."""
+
+    def __init__(
+        self,
+        label: str,
+        params: list[ShardedParam],
+        *,
+        topology: Topology,
+        groups: CommGroups,
+        policy: MixedPrecisionPolicy,
+        stats: C.CommStats,
+        device: torch.device,
+    ) -> None:
+        self.label = label or "<root>"
+        self.params = params
+        self.topology = topology
+        self.groups = groups
+        self.policy = policy
+        self.stats = stats
+        self.device = device
+        self.p = topology.partition_size
+        offset = 0
+        for sp in params:
+            sp.segment_offset = offset
+            offset += sp.padded_len
+        self.segment_numel = offset
+        self.state = ShardState.SHARDED
+        self._gather_work: C.Work | None = None
+        self._gather_out: torch.Tensor | None = None
+        self._reduce_work: C.Work | None = None
+        self._reduce_out: torch.Tensor | None = None
+        self._hop2_work: C.Work | None = None
+        # fp32 accumulated gradient of the local shards, one flat buffer so hop 2 is one all-reduce per unit.
+        self.grad_flat = torch.zeros(self.segment_numel, dtype=torch.float32, device=device)
+        self._grad_valid = False  # grad_flat holds an accumulation that the shards' .grad still refer to
+        order = groups.chunk_order
+        identity = tuple(range(self.p))
+        self._order = None if order == identity else torch.tensor(order, device=device)
+        self._inverse = None
+        if self._order is not None:
+            inv = [0] * self.p
+            for c, q in enumerate(order):
+                inv[q] = c
+            self._inverse = torch.tensor(inv, device=device)
+        self.num_grad_params = sum(1 for sp in params if sp.requires_grad)
+        self.num_grads_ready = 0
+
+    # ---- unshard / reshard -------------------------------------------------------------------------------
+    def unshard(self) -> None:
+        """Start the all-gather of this unit (no-op if it is in flight or done)."""
+        if self.state is not ShardState.SHARDED:
+            return
+        dtype = self.policy.compute_dtype
+        send = torch.empty(self.segment_numel, dtype=dtype, device=self.device)
+        with torch.no_grad():
+            for sp in self.params:
+                seg = send[sp.segment_offset : sp.segment_offset + sp.padded_len]
+                seg[: sp.local_numel].copy_(sp.sharded.reshape(-1))
+                seg[sp.local_numel :].zero_()
+        out = torch.empty(self.p * self.segment_numel, dtype=dtype, device=self.device)
+        if self.groups.hierarchical:
+            self._gather_work = C.hierarchical_all_gather(
+                out, send, inter=self.groups.inter_node, intra=self.groups.intra_node, stats=self.stats, label=self.label
+            )
+        else:
+            self._gather_work = C.all_gather(out, send, self.groups.partition, stats=self.stats, label=self.label)
+        self._gather_out = out
+        self.state = ShardState.GATHERING
+
+    def wait_unshard(self) -> None:
+        """Finish the all-gather, copy out into the unsharded parameters and point the modules at them."""
+        if self.state is ShardState.UNSHARDED:
+            return
+        if self.state is ShardState.SHARDED:
+            self.unshard()
+        assert self._gather_work is not None and self._gather_out is not None
+        self._gather_work.wait()
+        gathered = self._gather_out.view(self.p, self.segment_numel)
+        with torch.no_grad():
+            for sp in self.params:
+                sp._alloc_storage()
+                src = gathered[:, sp.segment_offset : sp.segment_offset + sp.padded_len]
+                with torch.autograd._unsafe_preserve_version_counter(sp.unsharded):
+                    if self._inverse is None:
+                        sp.padded.copy_(src)
+                    else:  # chunk c of the output is position order[c]: read through the permutation
+                        sp.padded.index_copy_(0, self._order, src)
+                sp.point_modules_to(sp.unsharded)
+        self._gather_work = None
+        self._gather_out = None
+        self.state = ShardState.UNSHARDED
+
+    def reshard(self) -> None:
+        """Point the modules back at the shards and free the unsharded storage."""
+        if self.state is ShardState.GATHERING:
+            self.wait_unshard()  # never leave a collective un-waited; its buffer is dropped right after
+        if self.state is ShardState.SHARDED:
+            return
+        for sp in self.params:
+            sp.point_modules_to(sp.sharded)
+            sp._free_storage()
+        self.state = ShardState.SHARDED
+
+    # ---- gradients ---------------------------------------------------------------------------------------
+    def reduce_grads(self) -> None:
+        """Hop 1: copy the unsharded gradients into the reduce-scatter input and start the reduce-scatter.
+
+        Frees the unsharded gradients right away: they never accumulate across micro-steps.
+        """
+        self.wait_reduce()
+        dtype = self.policy.gradient_reduce_dtype
+        full = torch.empty(self.p * self.segment_numel, dtype=dtype, device=self.device)
+        full2d = full.view(self.p, self.segment_numel)
+        any_grad = False
+        with torch.no_grad():
+            for sp in self.params:
+                dst = full2d[:, sp.segment_offset : sp.segment_offset + sp.padded_len]
+                grad = sp.unsharded.grad
+                if grad is None:
+                    dst.zero_()
+                    continue
+                any_grad = True
+                flat = grad.reshape(-1)
+                if flat.numel() != self.p * sp.padded_len:
+                    flat = torch.nn.functional.pad(flat, (0, self.p * sp.padded_len - flat.numel()))
+                src = flat.view(self.p, sp.padded_len)
+                if self._inverse is None:
+                    dst.copy_(src)
+                else:  # chunk c must hold position order[c]'s block
+                    dst.index_copy_(0, self._inverse, src)
+                sp.unsharded.grad = None
+        self.num_grads_ready = 0
+        if not any_grad:
+            return
+        out = torch.empty(self.segment_numel, dtype=dtype, device=self.device)
+        if self.groups.hierarchical:
+            self._reduce_work = C.hierarchical_reduce_scatter(
+                out, full, intra=self.groups.intra_node, inter=self.groups.inter_node, stats=self.stats, label=self.label
+            )
+        else:
+            self._reduce_work = C.reduce_scatter(out, full, self.groups.partition, stats=self.stats, label=self.label)
+        self._reduce_out = out
+
+    def wait_reduce(self) -> None:
+        """Finish hop 1 and add the result, divided once by the world size, to the fp32 shard gradients."""
+        if self._reduce_work is None:
+            return
+        self._reduce_work.wait()
+        self._reduce_work = None
+        out, self._reduce_out = self._reduce_out, None
+        self._attach_shard_grads()
+        self.grad_flat.add_(out, alpha=1.0 / self.topology.world_size)
+
+    def _attach_shard_grads(self) -> None:
+        """Make each shard's .grad a view of grad_flat; zero the buffer if the optimizer dropped the grads."""
+        stale = any(
+            sp.requires_grad and (sp.sharded.grad is None or sp.sharded.grad.data_ptr() != self._grad_ptr(sp))
+            for sp in self.params
+        )
+        if not stale:
+            return
+        with torch.no_grad():
+            for sp in self.params:
+                view = self.grad_flat[sp.segment_offset : sp.segment_offset + sp.local_numel].view(sp.sharded.shape)
+                current = sp.sharded.grad
+                if current is not None and current.data_ptr() != view.data_ptr():
+                    view.copy_(current)  # the user put a gradient there: keep accumulating onto it
+                elif current is None:
+                    view.zero_()
+                sp.sharded.grad = view if sp.requires_grad else None
+            # zero the padding tail of each block so hop 2 and norms never see stale values
+            for sp in self.params:
+                self.grad_flat[sp.segment_offset + sp.local_numel : sp.segment_offset + sp.padded_len].zero_()
+
+    def _grad_ptr(self, sp: ShardedParam) -> int:
+        return self.grad_flat[sp.segment_offset :].data_ptr()
+
+    def all_reduce_grads(self) -> None:
+        """Hop 2: start the sum of the accumulated shard gradients across the replication group."""
+        if self.groups.replication.pg is None or not any(sp.sharded.grad is not None for sp in self.params):
+            return
+        self._hop2_work = C.all_reduce(self.grad_flat, self.groups.replication, stats=self.stats, label=self.label)
+
+    def wait_all_reduce(self) -> None:
+        if self._hop2_work is not None:
+            self._hop2_work.wait()
+            self._hop2_work = None

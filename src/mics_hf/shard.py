@@ -1,0 +1,268 @@
+"""shard_model(): turn a user's module, in place, into a MiCS-sharded one that keeps its class.
+
+The module keeps its class for isinstance checks (a dynamic subclass adds `no_sync()` and friends, the way
+FSDP2 does), its forward signature, `.config` and HF methods. Its parameters become the local fp32 shards,
+which is what `model.parameters()` returns and what optimizers must be built on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .api import MiCSConfig
+from .collectives import CommStats, Group
+from .param_group import CommGroups, ParamGroup, ShardedParam
+from .state import MiCSState
+from .topology import Topology, build_topology, create_process_groups, node_map_from_devices_per_node
+
+__all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state"]
+
+_STATE_ATTR = "_mics_state"
+
+
+class MiCSModule:
+    """Mixed into the class of a sharded model; every method acts on the whole sharded model."""
+
+    @property
+    def mics_state(self) -> MiCSState:
+        return getattr(self, _STATE_ATTR)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Skip hop 2 (the replica all-reduce) for the backwards inside; hop 1 still runs every micro-step.
+
+        Gradients accumulate, reduce-scattered and in fp32, on the local shards; the first backward outside
+        no_sync() all-reduces the accumulation across the replication group once.
+        """
+        state = self.mics_state
+        previous = state.sync_gradients
+        state.sync_gradients = False
+        try:
+            yield
+        finally:
+            state.sync_gradients = previous
+
+    def set_requires_gradient_sync(self, requires: bool) -> None:
+        """Non-context form of no_sync(): False skips hop 2 until set back to True."""
+        self.mics_state.sync_gradients = bool(requires)
+
+    def reshard(self) -> None:
+        """Free every gathered parameter (e.g. after generation outside a training step)."""
+        for _, g in self.mics_state.units:
+            g.reshard()
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def _mics_class(cls: type) -> type:
+    if cls not in _CLASS_CACHE:
+        _CLASS_CACHE[cls] = type(f"MiCS{cls.__name__}", (MiCSModule, cls), {"__module__": cls.__module__})
+    return _CLASS_CACHE[cls]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return hasattr(model, _STATE_ATTR)
+
+
+def get_state(model: nn.Module) -> MiCSState:
+    if not is_sharded(model):
+        raise ValueError(
+            f"{type(model).__name__} is not sharded by mics_hf; call mics_hf.shard_model(model, MiCSConfig(...)) first"
+        )
+    return getattr(model, _STATE_ATTR)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _discover_node_map(world_size: int) -> tuple[int, ...]:
+    """Group ranks into nodes by host name (one all_gather_object); validated by build_topology."""
+    if world_size == 1:
+        return (0,)
+    names: list[str | None] = [None] * world_size
+    dist.all_gather_object(names, socket.gethostname())
+    index: dict[str, int] = {}
+    return tuple(index.setdefault(n, len(index)) for n in names)  # type: ignore[arg-type]
+
+
+def _validate_before_collectives(model: nn.Module, config: MiCSConfig, world_size: int) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"shard_model expects an nn.Module, got {type(model).__name__}")
+    if is_sharded(model):
+        raise ValueError(
+            f"{type(model).__name__} is already sharded by mics_hf; shard a model once (build a new model to "
+            "change the MiCSConfig)"
+        )
+    if not any(True for _ in model.parameters()):
+        raise ValueError(
+            f"{type(model).__name__} has no parameters, so there is nothing to shard; pass the model that owns "
+            "the weights"
+        )
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"parameters {meta[:3]}... are on the meta device; materialise the model (e.g. model.to_empty(...) and "
+            "initialise) before sharding"
+        )
+    if config.partition_size is not None and world_size % config.partition_size != 0:
+        valid = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"partition_size={config.partition_size} does not divide the world size {world_size}; "
+            f"partition sizes that divide it: {valid}"
+        )
+    if config.node_of_rank is not None and len(config.node_of_rank) != world_size:
+        raise ValueError(
+            f"node_of_rank lists {len(config.node_of_rank)} ranks but the world has {world_size}; give one node per rank"
+        )
+    if config.devices_per_node is not None and config.node_of_rank is None:
+        node_map_from_devices_per_node(world_size, config.devices_per_node)  # raises with the divisors
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise ValueError(
+            f"the model's parameters are on several devices {sorted(map(str, devices))}; move it to one device "
+            "(model.to(device)) before sharding"
+        )
+
+
+def _resolve_topology(config: MiCSConfig, world_size: int, rank: int) -> Topology:
+    if config.node_of_rank is not None:
+        nodes = config.node_of_rank
+    elif config.devices_per_node is not None:
+        nodes = node_map_from_devices_per_node(world_size, config.devices_per_node)
+    else:
+        nodes = _discover_node_map(world_size)
+    return build_topology(
+        world_size=world_size,
+        rank=rank,
+        node_of_rank=nodes,
+        partition_size=config.partition_size,
+        hierarchical=config.hierarchical,
+    )
+
+
+def _unit_modules(model: nn.Module, config: MiCSConfig) -> list[tuple[str, nn.Module]]:
+    """The modules gathered as one unit each, in module order; the root is added by the caller."""
+    wanted = config.units
+    if wanted is None:
+        names = getattr(model, "_no_split_modules", None) or []
+        wanted = tuple(names)
+    if not wanted:
+        return []
+    class_names = {w for w in wanted if isinstance(w, str)}
+    classes = tuple(w for w in wanted if isinstance(w, type))
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if m is not model and (type(m).__name__ in class_names or (classes and isinstance(m, classes)))
+    ]
+    if config.units is not None and not found:
+        raise ValueError(
+            f"no module of {type(model).__name__} matches units={list(config.units)}; name classes that occur in "
+            "the model (e.g. its transformer block class), or leave units=None"
+        )
+    return found
+
+
+def _assign_parameters(model: nn.Module, unit_names: list[str]) -> dict[str, list[tuple[str, nn.Parameter, list[tuple[nn.Module, str]]]]]:
+    """Map each unit path ('' = root) to its parameters: (fqn, param, every (module, attr) using it).
+
+    A parameter belongs to the deepest unit that contains every one of its uses, so a weight tied between the
+    embedding and the LM head (both in the root) goes to the root, and one shared by two blocks to their
+    common ancestor unit.
+    """
+    uses: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is None:
+                continue
+            fqn = f"{mod_name}.{attr}" if mod_name else attr
+            if any(m is module and a == attr for _, m, a in uses.get(id(p), [])):
+                continue
+            uses.setdefault(id(p), []).append((fqn, module, attr))
+            params[id(p)] = p
+    units_sorted = sorted(unit_names, key=len, reverse=True)
+
+    def owner(fqn: str) -> str:
+        return next((u for u in units_sorted if fqn.startswith(u + ".")), "")
+
+    out: dict[str, list] = {u: [] for u in unit_names + [""]}
+    for pid, entries in uses.items():
+        owners = {owner(fqn) for fqn, _, _ in entries}
+        unit = owners.pop() if len(owners) == 1 else _common_unit(owners, units_sorted)
+        out[unit].append((entries[0][0], params[pid], [(m, a) for _, m, a in entries]))
+    return out
+
+
+def _common_unit(owners: set[str], units_sorted: list[str]) -> str:
+    prefix = min(owners, key=len)
+    while prefix:
+        if all(o == prefix or o.startswith(prefix + ".") for o in owners) and prefix in units_sorted:
+            return prefix
+        prefix = prefix.rpartition(".")[0]
+    return ""
+
+
+def _comm_groups(topology: Topology) -> CommGroups:
+    pgs = create_process_groups(topology)
+    r = topology.rank
+    nodes = topology.node_of_rank
+    partition = Group.make("partition", topology.partition_group, pgs.partition, nodes, r)
+    replication = Group.make("replication", topology.replication_group, pgs.replication, nodes, r)
+    if topology.hierarchical:
+        intra = Group.make("intra_node", topology.intra_node_group_of(r), pgs.intra_node, nodes, r)
+        inter = Group.make("inter_node", topology.inter_node_group_of(r), pgs.inter_node, nodes, r)
+        order = topology.hierarchical_chunk_order()
+    else:
+        intra = inter = None
+        order = tuple(range(topology.partition_size))
+    return CommGroups(partition=partition, replication=replication, intra_node=intra, inter_node=inter, chunk_order=order)
+
+
+def shard_model(model: nn.Module, config: MiCSConfig | None = None) -> nn.Module:
+    """Shard `model` in place with MiCS and return it.
+
+    Every rank of the default process group must call this with the same model structure and config. With no
+    process group initialised it runs as a world of one (same hooks, no communication). Build the optimizer
+    on `model.parameters()` afterwards: those are the local fp32 shards.
+    """
+    config = config or MiCSConfig()
+    world_size, rank = _world()
+    _validate_before_collectives(model, config, world_size)
+    topology = _resolve_topology(config, world_size, rank)
+    groups = _comm_groups(topology)
+    stats = CommStats()
+    policy = config.mixed_precision
+    device = next(model.parameters()).device
+
+    unit_entries = _unit_modules(model, config)
+    assignment = _assign_parameters(model, [n for n, _ in unit_entries])
+    units: list[tuple[nn.Module, ParamGroup]] = []
+    for name, module in unit_entries + [("", model)]:
+        sharded = [
+            ShardedParam(fqn, p, uses, p=topology.partition_size, position=topology.position, compute_dtype=policy.compute_dtype)
+            for fqn, p, uses in assignment[name]
+        ]
+        if not sharded and module is not model:
+            continue
+        group = ParamGroup(name, sharded, topology=topology, groups=groups, policy=policy, stats=stats, device=device)
+        for sp in sharded:
+            sp.point_modules_to(sp.sharded)
+        units.append((module, group))
+
+    state = MiCSState(model, units, config=config, topology=topology, stats=stats)
+    setattr(model, _STATE_ATTR, state)
+    model.__class__ = _mics_class(type(model))
+    # Accelerate skips DDP wrapping for modules marked as prepared: MiCS does its own gradient communication.
+    model._is_accelerate_prepared = True
+    return model

@@ -1,0 +1,198 @@
+"""The hooks that drive one training step: unshard before a unit runs, reshard after, reduce after backward.
+
+Forward: the pre-hook of unit i waits for its all-gather and starts the gather of unit i+1 (the order is
+recorded on the first step); the post-hook frees it and arms a pre-backward hook on its outputs.
+Backward: the pre-backward hook gathers unit i again (and prefetches i-1); once every parameter of the unit
+has its gradient, the unit's gradients are reduce-scattered (hop 1) into the fp32 shard gradients. At the
+end of backward a callback waits for all of that and, unless under no_sync(), all-reduces the accumulated
+shards across the replication group (hop 2).
+
+[Note: activation checkpointing] Checkpointed units re-run forward during backward. Inside a backward
+(`_current_graph_task_id() != -1`) the post-forward hook therefore never reshards: the unit is freed by its
+gradient reduction instead. unshard/reshard are idempotent, driven by ShardState.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .api import MiCSConfig
+from .collectives import CommStats
+from .param_group import ParamGroup, ShardState
+from .topology import Topology
+
+__all__ = ["MiCSState", "TrainingState"]
+
+
+class TrainingState(enum.Enum):
+    IDLE = "idle"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class MiCSState:
+    """Per-model engine state: the units (root last), the recorded execution order, hooks and statistics."""
+
+    def __init__(self, root: nn.Module, units: list[tuple[nn.Module, ParamGroup]], *, config: MiCSConfig, topology: Topology, stats: CommStats) -> None:
+        self.root = root
+        self.units = units  # (module, group), root's entry last
+        self.group_of: dict[int, ParamGroup] = {id(m): g for m, g in units}
+        self.config = config
+        self.topology = topology
+        self.stats = stats
+        self.sync_gradients = True
+        self.training_state = TrainingState.IDLE
+        self.forward_order: list[ParamGroup] = []
+        self._order_recorded = False
+        self._callback_queued = False
+        self.num_backwards = 0
+        self.num_hop2 = 0  # optimizer-step syncs performed (for tests and metrics)
+        self._handles: list[Any] = []
+        self._register_hooks()
+
+    @property
+    def root_group(self) -> ParamGroup:
+        return self.units[-1][1]
+
+    # ---- registration ------------------------------------------------------------------------------------
+    def _register_hooks(self) -> None:
+        for module, group in self.units:
+            is_root = module is self.root
+            self._handles.append(
+                module.register_forward_pre_hook(self._make_pre_forward(group, is_root), with_kwargs=True, prepend=True)
+            )
+            self._handles.append(module.register_forward_hook(self._make_post_forward(group, is_root)))
+            for sp in group.params:
+                if sp.requires_grad:
+                    self._handles.append(sp.unsharded.register_post_accumulate_grad_hook(self._make_grad_ready(group)))
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def _make_pre_forward(self, group: ParamGroup, is_root: bool) -> Callable:
+        def pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if _in_backward():  # activation-checkpoint recomputation: parameters are (being) gathered already
+                group.wait_unshard()
+                return None
+            if is_root:
+                self._begin_forward()
+            elif not self._order_recorded and group not in self.forward_order:
+                self.forward_order.append(group)
+            group.wait_unshard()
+            if self.config.prefetch and self._order_recorded and not is_root:
+                nxt = self._neighbour(group, +1)
+                if nxt is not None:
+                    nxt.unshard()
+            elif self.config.prefetch and self._order_recorded and is_root and self.forward_order:
+                self.forward_order[0].unshard()
+            if is_root and self.config.param_dtype is not None:
+                dtype = self.config.param_dtype
+                cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+                return tree_map(cast, args), tree_map(cast, kwargs)
+            return None
+
+        return pre_forward
+
+    def _make_post_forward(self, group: ParamGroup, is_root: bool) -> Callable:
+        def post_forward(module: nn.Module, args: tuple, output: Any) -> None:
+            if _in_backward():
+                if torch.is_grad_enabled():
+                    self._arm_pre_backward(group, output)
+                return None
+            if is_root:
+                self._order_recorded = True
+                if not torch.is_grad_enabled():  # no backward will follow: free everything now
+                    self._finish_without_backward()
+                self.training_state = TrainingState.IDLE
+            else:
+                group.reshard()  # the backward gathers it again (the MiCS/ZeRO-3 memory saving)
+            if torch.is_grad_enabled():
+                self._arm_pre_backward(group, output)
+            return None
+
+        return post_forward
+
+    def _begin_forward(self) -> None:
+        # Units left gathered by an abandoned step (a prefetch, a forward without backward) start clean.
+        for _, g in self.units:
+            if g is not self.root_group:
+                g.reshard()
+        self.training_state = TrainingState.FORWARD
+
+    def _finish_without_backward(self) -> None:
+        for _, g in self.units:
+            g.reshard()
+
+    def _neighbour(self, group: ParamGroup, step: int) -> ParamGroup | None:
+        try:
+            i = self.forward_order.index(group) + step
+        except ValueError:
+            return None
+        return self.forward_order[i] if 0 <= i < len(self.forward_order) else None
+
+    # ---- backward ----------------------------------------------------------------------------------------
+    def _arm_pre_backward(self, group: ParamGroup, output: Any) -> None:
+        leaves, _ = tree_flatten(output)
+        for t in leaves:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._make_pre_backward(group))
+
+    def _make_pre_backward(self, group: ParamGroup) -> Callable:
+        def pre_backward(grad: torch.Tensor) -> None:
+            if not self._callback_queued:
+                self._callback_queued = True
+                self.training_state = TrainingState.BACKWARD
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            if group.state is not ShardState.UNSHARDED:
+                group.wait_unshard()
+            if self.config.prefetch and self.forward_order:
+                prev = self.forward_order[-1] if group is self.root_group else self._neighbour(group, -1)
+                if prev is not None:
+                    prev.unshard()
+            return None
+
+        return pre_backward
+
+    def _make_grad_ready(self, group: ParamGroup) -> Callable:
+        def grad_ready(param: torch.Tensor) -> None:
+            group.num_grads_ready += 1
+            if group.num_grads_ready == group.num_grad_params:
+                group.reduce_grads()
+                if group is not self.root_group:
+                    group.reshard()
+
+        return grad_ready
+
+    def _end_of_backward(self) -> None:
+        """Runs once after the whole backward: finish hop 1 for every unit, then hop 2 unless under no_sync."""
+        try:
+            for _, g in reversed(self.units):
+                if g.num_grads_ready > 0:  # parameters the step did not use: reduce what did arrive
+                    g.reduce_grads()
+            for _, g in self.units:
+                g.wait_reduce()
+            if self.sync_gradients:
+                for _, g in self.units:
+                    g.all_reduce_grads()
+                for _, g in self.units:
+                    g.wait_all_reduce()
+                self.num_hop2 += 1
+            for _, g in self.units:
+                g.reshard()
+            self.num_backwards += 1
+        finally:
+            self._callback_queued = False
+            self.training_state = TrainingState.IDLE
+
+    # ---- teardown ----------------------------------------------------------------------------------------
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -1,0 +1,56 @@
+"""Full (unsharded) state dicts from a sharded model, with the same keys as the unsharded model."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .param_group import ShardedParam
+from .shard import get_state
+
+__all__ = ["full_state_dict", "gather_full_param"]
+
+
+def gather_full_param(
+    sp: ShardedParam, partition_pg: dist.ProcessGroup | None, p: int, local: torch.Tensor | None = None
+) -> torch.Tensor:
+    """All-gather one parameter's fp32 shards (or `local`, a tensor shaped like the shard, e.g. its gradient)
+    inside the partition group; every rank of the group gets the full tensor."""
+    local = sp.sharded if local is None else local
+    padded = torch.zeros(sp.padded_len, dtype=torch.float32, device=sp.sharded.device)
+    padded[: sp.local_numel].copy_(local.detach().reshape(-1))
+    if partition_pg is None:
+        full = padded
+    else:
+        full = torch.empty(p * sp.padded_len, dtype=torch.float32, device=padded.device)
+        dist.all_gather_into_tensor(full, padded, group=partition_pg)
+    return full[: sp.global_shape.numel()].view(sp.global_shape)
+
+
+def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = True) -> dict[str, torch.Tensor]:
+    """Gather every parameter to full size; rank 0 gets {key: tensor} (all ranks if rank0_only=False), others {}.
+
+    Keys are those of the unsharded model's state_dict (tied weights appear under each of their keys), values
+    fp32 parameters and the model's own buffers. Every rank must call it: each partition group gathers in
+    parallel.
+    """
+    state = get_state(model)
+    keep = not rank0_only or state.topology.rank == 0
+    by_id: dict[int, tuple[ShardedParam, object]] = {}
+    for _, g in state.units:
+        for sp in g.params:
+            by_id[id(sp.sharded)] = (sp, g.groups.partition.pg)
+    gathered: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in by_id:
+            if id(value) not in gathered:
+                sp, pg = by_id[id(value)]
+                gathered[id(value)] = gather_full_param(sp, pg, state.topology.partition_size)
+            tensor = gathered[id(value)]
+        else:
+            tensor = value.detach()
+        if keep:
+            out[key] = tensor.cpu().clone() if cpu else tensor.clone()
+    return out

@@ -1,0 +1,113 @@
+"""The parity recipe: the same seed, model and global batches through mics_hf and a single-process reference.
+
+Each rank trains its sharded copy on its slice of every global batch and, beside it, a full reference model
+on the whole global batch, and reports per-tensor relative differences (max |diff| / max |ref|) of the
+parameters after the optimizer steps, of the first step's gradients, and of every step's loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+import mics_hf
+from mics_hf.shard import get_state
+from mics_hf.state_dict import gather_full_param
+from models import global_batches, tiny_bert, tiny_gpt2
+
+BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {"gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    # BERT: every position is a target (no random mask) so each rank's mean has the same token count and the
+    # mean of the ranks' losses is exactly the global-batch loss.
+    return model(input_ids=ids, labels=ids).loss
+
+
+def rel_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| / max |ref|, with max |ref| floored at 1e-3.
+
+    The floor matters for tensors whose exact gradient is zero, such as BERT's attention key biases (softmax
+    ignores a constant added to every key): both sides then hold rounding noise of ~1e-10 and a pure ratio
+    would compare noise with noise.
+    """
+    scale = max(ref.detach().abs().max().item(), 1e-3)
+    return (a.detach().float() - ref.detach().float()).abs().max().item() / scale
+
+
+def full_grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 gradients gathered from the shard gradients, under every name the unsharded model uses."""
+    state = get_state(net)
+    by_id = {}
+    for _, g in state.units:
+        for sp in g.params:
+            grad = sp.sharded.grad if sp.sharded.grad is not None else torch.zeros_like(sp.sharded)
+            by_id[id(sp.sharded)] = gather_full_param(sp, g.groups.partition.pg, state.topology.partition_size, grad)
+    return {name: by_id[id(p)] for name, p in net.named_parameters(remove_duplicate=False)}
+
+
+def run_parity(
+    rank: int,
+    world: int,
+    *,
+    model: str = "gpt2",
+    partition_size: int | None,
+    devices_per_node: int,
+    hierarchical: str | bool = "auto",
+    accum: int = 1,
+    steps: int = 3,
+    micro: int = 2,
+    checkpointing: bool = False,
+    param_dtype: torch.dtype | None = None,
+    prefetch: bool = True,
+) -> dict:
+    torch.use_deterministic_algorithms(True)
+    ref = BUILDERS[model]()
+    net = copy.deepcopy(ref)
+    if checkpointing:
+        for m in (ref, net):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+            m.train()
+    cfg = mics_hf.MiCSConfig(
+        partition_size=partition_size, devices_per_node=devices_per_node, hierarchical=hierarchical,
+        param_dtype=param_dtype, prefetch=prefetch,
+    )
+    mics_hf.shard_model(net, cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.01)
+    data = global_batches(steps=steps, accum=accum, world=world, micro=micro)
+    loss_diffs: list[float] = []
+    grad_diff = 0.0
+    for step in range(steps):
+        mine = torch.zeros(())
+        theirs = torch.zeros(())
+        for m in range(accum):
+            with net.no_sync() if m < accum - 1 else nullcontext():
+                loss = loss_of(net, data[step, m, rank]) / accum
+                loss.backward()
+            mine += loss.detach().float()
+            ref_loss = loss_of(ref, data[step, m].reshape(-1, data.shape[-1])) / accum
+            ref_loss.backward()
+            theirs += ref_loss.detach()
+        dist.all_reduce(mine, op=dist.ReduceOp.SUM)
+        loss_diffs.append(abs(mine.item() / world - theirs.item()) / abs(theirs.item()))
+        if step == 0:
+            grads = full_grads(net)
+            grad_diff = max(rel_diff(grads[k], p.grad) for k, p in ref.named_parameters(remove_duplicate=False))
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+    full = mics_hf.full_state_dict(net, rank0_only=False)
+    ref_sd = ref.state_dict()
+    assert set(full) == set(ref_sd), f"state dict keys differ: {set(full) ^ set(ref_sd)}"
+    return {
+        "param_diff": max(rel_diff(full[k], ref_sd[k]) for k in ref_sd),
+        "loss_diff": max(loss_diffs),
+        "grad_diff": grad_diff,
+        "hop2": mics_hf.stats.num_hop2(net),
+    }
