@@ -64,6 +64,8 @@ def run_parity(
     checkpointing: bool = False,
     param_dtype: torch.dtype | None = None,
     prefetch: bool = True,
+    clip: float | None = None,
+    norm_type: float = 2.0,
 ) -> dict:
     torch.use_deterministic_algorithms(True)
     ref = BUILDERS[model]()
@@ -82,6 +84,7 @@ def run_parity(
     data = global_batches(steps=steps, accum=accum, world=world, micro=micro)
     loss_diffs: list[float] = []
     grad_diff = 0.0
+    norm_diffs: list[float] = [0.0]
     for step in range(steps):
         mine = torch.zeros(())
         theirs = torch.zeros(())
@@ -93,6 +96,10 @@ def run_parity(
             ref_loss = loss_of(ref, data[step, m].reshape(-1, data.shape[-1])) / accum
             ref_loss.backward()
             theirs += ref_loss.detach()
+        if clip is not None:
+            norm = mics_hf.clip_grad_norm_(net, clip, norm_type=norm_type)
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip, norm_type=norm_type)
+            norm_diffs.append(abs(norm.item() - ref_norm.item()) / ref_norm.item())
         dist.all_reduce(mine, op=dist.ReduceOp.SUM)
         loss_diffs.append(abs(mine.item() / world - theirs.item()) / abs(theirs.item()))
         if step == 0:
@@ -110,4 +117,5 @@ def run_parity(
         "loss_diff": max(loss_diffs),
         "grad_diff": grad_diff,
         "hop2": mics_hf.stats.num_hop2(net),
+        "norm_diff": max(norm_diffs),
     }

@@ -2,7 +2,8 @@
 
 World 8 with 2 or 4 devices per node, p in {1, 2, 4, 8}, hierarchical on and off, accumulation 1 and 4, a
 tiny GPT-2 and BERT with tied embeddings and odd sizes that need padding, activation checkpointing
-(reentrant and not), prefetch on and off, and a world of one. Parameters after 3 AdamW steps must match to
+(reentrant and not), prefetch on and off, global gradient clipping (2-norm and inf-norm, with a max_norm small
+enough to clip), and a world of one. Parameters after 3 AdamW steps must match to
 1e-5 relative per tensor, the first step's gradients to 1e-5, every step's loss to 1e-6.
 """
 
@@ -26,6 +27,8 @@ CASES = [
     ("gpt2", 2, 4, True, 2, {"checkpointing": True}),
     ("gpt2", 2, 8, True, 1, {"checkpointing": "reentrant"}),
     ("gpt2", 2, 8, False, 2, {"prefetch": False}),
+    ("gpt2", 2, 4, True, 2, {"clip": 0.05}),
+    ("gpt2", 4, 1, "auto", 1, {"clip": 0.05, "norm_type": float("inf")}),
     ("bert", 2, 4, True, 4, {}),
     ("bert", 4, 8, False, 1, {}),
     ("bert", 2, 2, "auto", 1, {"checkpointing": True}),
@@ -49,6 +52,7 @@ def test_parity_world8(pools, case):
         assert r["grad_diff"] <= 1e-5, (rank, r)
         assert r["param_diff"] <= 1e-5, (rank, r)
         assert r["hop2"] == 3, (rank, r)  # one replica all-reduce per optimizer step, whatever the accumulation
+        assert r["norm_diff"] <= 1e-5, (rank, r)  # clip_grad_norm_ returns the global norm
 
 
 def test_parity_world_of_one_without_process_group(pools):

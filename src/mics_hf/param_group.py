@@ -219,10 +219,10 @@ class ParamGroup:
                 if flat.numel() != self.p * sp.padded_len:
                     flat = torch.nn.functional.pad(flat, (0, self.p * sp.padded_len - flat.numel()))
                 src = flat.view(self.p, sp.padded_len)
-                if self._inverse is None:
+                if self._inverse is None:  # copy_ casts to the reduce dtype on the way
                     dst.copy_(src)
-                else:  # chunk c must hold position order[c]'s block
-                    dst.index_copy_(0, self._inverse, src)
+                else:  # chunk c must hold position order[c]'s block (index_copy_ does not cast)
+                    dst.index_copy_(0, self._inverse, src.to(dtype))
                 sp.unsharded.grad = None
         self.num_grads_ready = 0
         if not any_grad:
