@@ -58,3 +58,15 @@ def test_shards_partition_every_parameter_exactly(pools):
     ref = tiny_gpt2()
     full = [p.numel() for p in ref.parameters()]
     assert [sum(col) for col in zip(*sizes)] == full
+
+
+def _group_timeouts(rank: int, world: int) -> list[float]:
+    net = mics_hf.shard_model(tiny_gpt2(), mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
+    groups = mics_hf.shard.get_state(net).units[-1][1].groups
+    return [g.pg._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in (groups.partition, groups.replication)]
+
+
+def test_process_groups_inherit_the_world_timeout(pools):
+    """A dead rank must fail collectives after the user's timeout (120 s in the test pool), not gloo's 30 min."""
+    for timeouts in pools(4).run(_group_timeouts):
+        assert timeouts == [120.0, 120.0]

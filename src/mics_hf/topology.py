@@ -14,8 +14,10 @@ and copy-in / copy-out read through it instead of paying an extra permuting copy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Sequence
 
+import torch
 import torch.distributed as dist
 
 __all__ = ["Topology", "ProcessGroups", "build_topology", "node_map_from_devices_per_node", "create_process_groups"]
@@ -218,14 +220,29 @@ class ProcessGroups:
 _GROUP_CACHE: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
 
+def world_timeout() -> timedelta | None:
+    """The timeout the default group was created with, so MiCS's groups fail as fast as the user asked.
+
+    torch's new_group otherwise falls back to the backend default (30 minutes for gloo), which would turn a
+    dead rank into a half-hour hang. The value is read from the backend's options; None if not exposed.
+    """
+    try:
+        world = dist.group.WORLD
+        backend = world._get_backend(torch.device("cuda" if dist.get_backend() == "nccl" else "cpu"))
+        return backend.options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _new_group_everywhere(groups: Sequence[tuple[int, ...]], rank: int) -> dist.ProcessGroup | None:
     """Every rank calls new_group for every group, in the same order (a requirement of torch.distributed)."""
     mine = None
+    timeout = world_timeout()
     for ranks in groups:
         if len(ranks) == 1:
             continue
         if ranks not in _GROUP_CACHE:
-            _GROUP_CACHE[ranks] = dist.new_group(list(ranks))
+            _GROUP_CACHE[ranks] = dist.new_group(list(ranks), timeout=timeout)
         if rank in ranks:
             mine = _GROUP_CACHE[ranks]
     return mine
