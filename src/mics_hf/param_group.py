@@ -72,16 +72,27 @@ class ShardedParam:
             local = param.detach().reshape(dims)[start:stop].to(torch.float32).clone()
         self.sharded = nn.Parameter(local, requires_grad=param.requires_grad)
         self.local_numel = local.numel()
-        padded = torch.empty(p * self.padded_len, dtype=compute_dtype, device=param.device)
-        self.padded = padded.view(p, self.padded_len)
-        self.unsharded = nn.Parameter(padded[: param.numel()].view(param.shape), requires_grad=param.requires_grad)
-        self._free_storage()
+        # p = 1 in fp32 (the DDP end of the spectrum): the shard IS the full parameter, so the unsharded
+        # parameter aliases its storage (through .data: a separate version counter, so optimizer updates never
+        # look like in-place edits to autograd) and unshard/reshard copy and free nothing.
+        self.aliased = p == 1 and compute_dtype == torch.float32
+        if self.aliased:
+            self.padded = self.sharded.data.view(1, -1)
+            self.unsharded = nn.Parameter(self.sharded.data.view(param.shape), requires_grad=param.requires_grad)
+        else:
+            padded = torch.empty(p * self.padded_len, dtype=compute_dtype, device=param.device)
+            self.padded = padded.view(p, self.padded_len)
+            self.unsharded = nn.Parameter(padded[: param.numel()].view(param.shape), requires_grad=param.requires_grad)
+            self._free_storage()
         self.segment_offset = 0  # set by ParamGroup
 
     def _free_storage(self) -> None:
-        self.unsharded.untyped_storage().resize_(0)
+        if not self.aliased:
+            self.unsharded.untyped_storage().resize_(0)
 
     def _alloc_storage(self) -> None:
+        if self.aliased:
+            return
         storage = self.unsharded.untyped_storage()
         nbytes = self.padded.numel() * self.padded.element_size()
         if storage.size() != nbytes:
@@ -145,6 +156,9 @@ class ParamGroup:
         """Start the all-gather of this unit (no-op if it is in flight or done)."""
         if self.state is not ShardState.SHARDED:
             return
+        if self.p == 1:  # nothing to gather: wait_unshard copies (or aliases) the local shard
+            self.state = ShardState.GATHERING
+            return
         dtype = self.policy.compute_dtype
         send = torch.empty(self.segment_numel, dtype=dtype, device=self.device)
         with torch.no_grad():
@@ -168,6 +182,16 @@ class ParamGroup:
             return
         if self.state is ShardState.SHARDED:
             self.unshard()
+        if self.p == 1:
+            with torch.no_grad():
+                for sp in self.params:
+                    if not sp.aliased:
+                        sp._alloc_storage()
+                        with torch.autograd._unsafe_preserve_version_counter(sp.unsharded):
+                            sp.unsharded.copy_(sp.sharded.view(sp.global_shape))
+                    sp.point_modules_to(sp.unsharded)
+            self.state = ShardState.UNSHARDED
+            return
         assert self._gather_work is not None and self._gather_out is not None
         self._gather_work.wait()
         gathered = self._gather_out.view(self.p, self.segment_numel)
@@ -203,6 +227,9 @@ class ParamGroup:
         Frees the unsharded gradients right away: they never accumulate across micro-steps.
         """
         self.wait_reduce()
+        if self.p == 1:
+            self._accumulate_local_grads()
+            return
         dtype = self.policy.gradient_reduce_dtype
         full = torch.empty(self.p * self.segment_numel, dtype=dtype, device=self.device)
         full2d = full.view(self.p, self.segment_numel)
@@ -245,6 +272,18 @@ class ParamGroup:
         out, self._reduce_out = self._reduce_out, None
         self._attach_shard_grads()
         self.grad_flat.add_(out, alpha=1.0 / self.topology.world_size)
+
+    def _accumulate_local_grads(self) -> None:
+        """Hop 1 of a partition group of one rank: no communication, add grad / N straight into the shard."""
+        self._attach_shard_grads()
+        scale = 1.0 / self.topology.world_size
+        with torch.no_grad():
+            for sp in self.params:
+                if sp.unsharded.grad is not None:
+                    seg = self.grad_flat[sp.segment_offset : sp.segment_offset + sp.local_numel]
+                    seg.add_(sp.unsharded.grad.reshape(-1), alpha=scale)
+                    sp.unsharded.grad = None
+        self.num_grads_ready = 0
 
     def _attach_shard_grads(self) -> None:
         """Make each shard's .grad a view of grad_flat; zero the buffer if the optimizer dropped the grads."""

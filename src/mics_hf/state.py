@@ -57,6 +57,8 @@ class MiCSState:
         self.num_backwards = 0
         self.num_hop2 = 0  # optimizer-step syncs performed (for tests and metrics)
         self._handles: list[Any] = []
+        self._hop1_started: list[ParamGroup] = []  # hop 1 launched, hop 2 not yet (this backward)
+        self._hop2_started: set[int] = set()
         self._register_hooks()
 
     @property
@@ -164,11 +166,26 @@ class MiCSState:
         def grad_ready(param: torch.Tensor) -> None:
             group.num_grads_ready += 1
             if group.num_grads_ready == group.num_grad_params:
+                if self.sync_gradients:
+                    self._start_hop2_of_reduced()
                 group.reduce_grads()
                 if group is not self.root_group:
                     group.reshard()
+                self._hop1_started.append(group)
 
         return grad_ready
+
+    def _start_hop2_of_reduced(self) -> None:
+        """Overlap hop 2 with the rest of backward: once a unit's hop 1 is done, start its replica all-reduce.
+
+        Called when the next unit's gradients are ready, by which time the previous reduce-scatter has
+        usually finished, so the wait is short and the all-reduce runs while earlier layers compute.
+        """
+        while self._hop1_started:
+            g = self._hop1_started.pop(0)
+            g.wait_reduce()
+            g.all_reduce_grads()
+            self._hop2_started.add(id(g))
 
     def _end_of_backward(self) -> None:
         """Runs once after the whole backward: finish hop 1 for every unit, then hop 2 unless under no_sync."""
@@ -180,7 +197,8 @@ class MiCSState:
                 g.wait_reduce()
             if self.sync_gradients:
                 for _, g in self.units:
-                    g.all_reduce_grads()
+                    if id(g) not in self._hop2_started:
+                        g.all_reduce_grads()
                 for _, g in self.units:
                     g.wait_all_reduce()
                 self.num_hop2 += 1
@@ -188,6 +206,8 @@ class MiCSState:
                 g.reshard()
             self.num_backwards += 1
         finally:
+            self._hop1_started.clear()
+            self._hop2_started.clear()
             self._callback_queued = False
             self.training_state = TrainingState.IDLE
 
