@@ -1,7 +1,9 @@
 """mics_hf: MiCS (scale-aware partitioning, hierarchical collectives, two-hop gradient sync) for PyTorch and HF."""
 
 from .api import MiCSConfig, MixedPrecisionPolicy
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .collectives import CollectiveError, CommStats
+from .export import consolidate_checkpoint, export_checkpoint, save_pretrained
 from .optim import clip_grad_norm_, grad_scaler
 from .shard import MiCSModule, is_sharded, shard_model
 from .state_dict import full_state_dict
@@ -20,6 +22,13 @@ __all__ = [
     "full_state_dict",
     "comm_stats",
     "topology_of",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "CheckpointError",
+    "save_pretrained",
+    "export_checkpoint",
+    "consolidate_checkpoint",
 ]
 
 __version__ = "0.1.0"

@@ -25,6 +25,14 @@ def _topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir, tokenizer=args.tokenizer)
+    print(f"wrote a Hugging Face model directory to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mics-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     topo.add_argument("--partition-size", type=int, default=None, help="default: devices per node")
     topo.add_argument("--hierarchical", choices=("auto", "true", "false"), default="auto")
     topo.set_defaults(func=_topology)
+    export = sub.add_parser("export", help="turn a sharded checkpoint into a Hugging Face model directory (offline)")
+    export.add_argument("checkpoint", help="a step directory, or a checkpoint root with a `latest` pointer")
+    export.add_argument("out_dir")
+    export.add_argument("--tokenizer", default=None, help="tokenizer directory to copy (default: the checkpoint's own)")
+    export.set_defaults(func=_export)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
