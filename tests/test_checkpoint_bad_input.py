@@ -69,6 +69,10 @@ def _first_shard(ckpt: Path) -> Path:
 RANK0_ONLY = "single-process case: checked on rank 0"
 
 
+class _Rank0Only(Exception):
+    """Raised on the other ranks for cases that only one process runs; they still take part in the checks."""
+
+
 def _case(rank: int, world: int, *, case: str, root: str) -> str:
     import torch.distributed as dist
 
@@ -154,13 +158,13 @@ def _case(rank: int, world: int, *, case: str, root: str) -> str:
             lin = mics_hf.shard_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
             plain = mics_hf.save_checkpoint(Path(root) / f"{case}-plain", lin, step=0)
             if rank != 0:  # export is a single-process command: only rank 0 runs it
-                return RANK0_ONLY
+                raise _Rank0Only()
             mics_hf.export_checkpoint(plain, Path(root) / f"{case}-out")
         elif case == "export_onto_file":
             f = Path(root) / f"{case}-file"
             corrupt(lambda: f.write_text("x"))
             if rank != 0:
-                return RANK0_ONLY
+                raise _Rank0Only()
             mics_hf.export_checkpoint(ckpt, f)
         elif case == "disk_full_on_one_rank":
             import mics_hf.checkpoint as C
@@ -196,6 +200,8 @@ def _case(rank: int, world: int, *, case: str, root: str) -> str:
                 raise CheckpointError(errors[0])
         else:
             raise AssertionError(f"unknown case {case}")
+    except _Rank0Only:
+        message = RANK0_ONLY
     except (CheckpointError, ValueError) as exc:
         message = str(exc)
     else:
