@@ -29,6 +29,25 @@ __all__ = [
     "save_pretrained",
     "export_checkpoint",
     "consolidate_checkpoint",
+    "MiCSAccelerator",
+    "MiCSTrainingArguments",
+    "MiCSTrainer",
 ]
 
 __version__ = "0.1.0"
+
+_INTEGRATIONS = {
+    "MiCSAccelerator": ("mics_hf.integrations.accelerate", "MiCSAccelerator"),
+    "MiCSTrainingArguments": ("mics_hf.integrations.trainer", "MiCSTrainingArguments"),
+    "MiCSTrainer": ("mics_hf.integrations.trainer", "MiCSTrainer"),
+}
+
+
+def __getattr__(name: str):
+    # The integrations import accelerate / transformers; the core never does, so they load on first use.
+    if name in _INTEGRATIONS:
+        import importlib
+
+        module, attr = _INTEGRATIONS[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'mics_hf' has no attribute {name!r}")

@@ -278,11 +278,47 @@ def _write_rank_files(tmp: Path, model, optimizer, params, topo, rank: int) -> l
                 tensors[f"buffer/{name}"] = buf.detach().contiguous().cpu()
         name = f"shard-q{position:04d}.safetensors"
         out.append(_save(tmp / name, tensors, {"kind": "shard", "position": position, "rows": rows}))
+    rng = _capture_rng()
+    out.append(_save(tmp / f"rng-rank{rank:04d}.safetensors", rng, {"kind": "rng", "rank": rank}))
+    return out
+
+
+def _capture_rng() -> dict[str, torch.Tensor]:
+    """torch (CPU and CUDA), Python and NumPy RNG states as tensors, so no pickle is needed to restore them."""
+    import random
+
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
-    out.append(_save(tmp / f"rng-rank{rank:04d}.safetensors", rng, {"kind": "rng", "rank": rank}))
-    return out
+    version, internal, gauss = random.getstate()
+    rng["python"] = torch.tensor([version, *internal, -1 if gauss is None else 1], dtype=torch.int64)
+    rng["python_gauss"] = torch.tensor([0.0 if gauss is None else gauss], dtype=torch.float64)
+    try:
+        import numpy as np
+
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        rng["numpy"] = torch.tensor([*keys.tolist(), pos, has_gauss], dtype=torch.int64)
+        rng["numpy_gauss"] = torch.tensor([cached], dtype=torch.float64)
+    except ImportError:
+        pass
+    return rng
+
+
+def _restore_rng(rng: Mapping[str, torch.Tensor]) -> None:
+    import random
+
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    if "python" in rng:
+        values = rng["python"].tolist()
+        gauss = None if values[-1] == -1 else rng["python_gauss"].item()
+        random.setstate((values[0], tuple(values[1:-1]), gauss))
+    if "numpy" in rng:
+        import numpy as np
+
+        values = rng["numpy"].tolist()
+        np.random.set_state(("MT19937", np.array(values[:-2], dtype=np.uint32), values[-2], values[-1], rng["numpy_gauss"].item()))
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
@@ -511,21 +547,21 @@ def load_checkpoint(
                 f"checkpoint optimizer is {meta['optimizer']['class']}, the given one is {type(optimizer).__name__}; "
                 "use the same optimizer class"
             )
+    # Each rank reads (and, with verify, size- and CRC-checks) only the shard files that overlap its rows, into
+    # memory; the ranks then agree that all of them succeeded before any state is changed anywhere.
     reader = _ShardReader(ckpt, meta, verify)
-    if verify:  # validate every file before touching any state, so a bad checkpoint changes nothing
-        for entry in meta["files"]:
-            if entry["kind"] == "shard":
-                reader._handle(entry)
     values: dict[str, torch.Tensor] = {}
     opt_values: dict[str, dict[str, torch.Tensor]] = {}
-    for fqn, sp in params.items():
-        start, stop = sp.offsets
-        values[fqn] = reader.rows(f"param/{fqn}", fqn, start, stop, sp.sharded)
-        if optimizer is not None:
-            for key in meta["optimizer"]["sharded_keys"].get(fqn, []):
-                opt_values.setdefault(fqn, {})[key] = reader.rows(f"optim/{fqn}/{key}", fqn, start, stop, sp.sharded)
-    buffers = {name: reader.buffer(name) for name, _ in model.named_buffers() if name in meta.get("buffers", {})}
-    rng = _read_rng(ckpt, meta) if restore_rng else None
+    error: BaseException | None = None
+    try:
+        _read_values(reader, params, meta, values, opt_values, optimizer is not None)
+        buffers = {name: reader.buffer(name) for name, _ in model.named_buffers() if name in meta.get("buffers", {})}
+        rng = _read_rng(ckpt, meta) if restore_rng else None
+    except CheckpointError as exc:
+        error = exc
+    if _dist()[0] == 1 and error is not None:
+        raise error
+    _all_ok(error is None, f"reading checkpoint {ckpt}", error)
 
     with torch.no_grad():
         for fqn, sp in params.items():
@@ -540,10 +576,17 @@ def load_checkpoint(
     if scaler is not None and meta.get("scaler") is not None:
         scaler.load_state_dict(meta["scaler"])
     if rng is not None:
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        _restore_rng(rng)
     return {"step": meta["step"], **meta.get("extra", {})}
+
+
+def _read_values(reader: "_ShardReader", params, meta, values, opt_values, with_optimizer: bool) -> None:
+    for fqn, sp in params.items():
+        start, stop = sp.offsets
+        values[fqn] = reader.rows(f"param/{fqn}", fqn, start, stop, sp.sharded)
+        if with_optimizer:
+            for key in meta["optimizer"]["sharded_keys"].get(fqn, []):
+                opt_values.setdefault(fqn, {})[key] = reader.rows(f"optim/{fqn}/{key}", fqn, start, stop, sp.sharded)
 
 
 def _read_rng(ckpt: Path, meta: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:

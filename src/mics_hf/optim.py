@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .shard import get_state
 
-__all__ = ["clip_grad_norm_", "grad_scaler"]
+__all__ = ["clip_grad_norm_", "grad_scaler", "sharded_grad_scaler"]
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -49,10 +49,15 @@ def grad_scaler(model: nn.Module, *, init_scale: float = 2.0**16, growth_interva
     Shards hold different slices of the gradient, so an overflow is seen by some ranks only; the FSDP
     ShardedGradScaler all-reduces its found-inf flag across the world, which is exactly what MiCS shards need.
     """
-    state = get_state(model)
-    device = state.root_group.device.type
+    return sharded_grad_scaler(
+        get_state(model).root_group.device.type, init_scale=init_scale, growth_interval=growth_interval, enabled=enabled
+    )
+
+
+def sharded_grad_scaler(device: str, **kwargs):
+    """The scaler behind grad_scaler(), for callers that have a device but no model yet (e.g. Accelerate)."""
     if dist.is_available() and dist.is_initialized():
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-        return ShardedGradScaler(device=device, init_scale=init_scale, growth_interval=growth_interval, enabled=enabled)
-    return torch.amp.GradScaler(device, init_scale=init_scale, growth_interval=growth_interval, enabled=enabled)
+        return ShardedGradScaler(device=device, **kwargs)
+    return torch.amp.GradScaler(device, **kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import weakref
 from typing import Iterator
 
 import torch
@@ -63,8 +64,21 @@ _CLASS_CACHE: dict[type, type] = {}
 
 def _mics_class(cls: type) -> type:
     if cls not in _CLASS_CACHE:
-        _CLASS_CACHE[cls] = type(f"MiCS{cls.__name__}", (MiCSModule, cls), {"__module__": cls.__module__})
+        # Same name as the user's class: HF writes `type(model).__name__` into config.json's `architectures`,
+        # and a MiCS-prefixed name there would break AutoModel loading of a saved model.
+        _CLASS_CACHE[cls] = type(cls.__name__, (MiCSModule, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
     return _CLASS_CACHE[cls]
+
+
+def sharded_param_for(model: nn.Module, original: torch.Tensor) -> nn.Parameter | None:
+    """The local shard that replaced `original` (a parameter of the model before sharding), or None.
+
+    Lets an optimizer built before sharding be pointed at the shards (what Accelerate's prepare() needs).
+    """
+    entry = get_state(model).replaced.get(id(original))
+    if entry is None or entry[0]() is not original:
+        return None
+    return entry[1]
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -248,11 +262,13 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None) -> nn.Module
     unit_entries = _unit_modules(model, config)
     assignment = _assign_parameters(model, [n for n, _ in unit_entries])
     units: list[tuple[nn.Module, ParamGroup]] = []
+    replaced: dict[int, tuple[weakref.ref, nn.Parameter]] = {}
     for name, module in unit_entries + [("", model)]:
-        sharded = [
-            ShardedParam(fqn, p, uses, p=topology.partition_size, position=topology.position, compute_dtype=policy.compute_dtype)
-            for fqn, p, uses in assignment[name]
-        ]
+        sharded = []
+        for fqn, p, uses in assignment[name]:
+            sp = ShardedParam(fqn, p, uses, p=topology.partition_size, position=topology.position, compute_dtype=policy.compute_dtype)
+            replaced[id(p)] = (weakref.ref(p), sp.sharded)
+            sharded.append(sp)
         if not sharded and module is not model:
             continue
         group = ParamGroup(name, sharded, topology=topology, groups=groups, policy=policy, stats=stats, device=device)
@@ -261,6 +277,7 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None) -> nn.Module
         units.append((module, group))
 
     state = MiCSState(model, units, config=config, topology=topology, stats=stats)
+    state.replaced = replaced
     setattr(model, _STATE_ATTR, state)
     model.__class__ = _mics_class(type(model))
     # Accelerate skips DDP wrapping for modules marked as prepared: MiCS does its own gradient communication.

@@ -59,6 +59,7 @@ class MiCSState:
         self._handles: list[Any] = []
         self._hop1_started: list[ParamGroup] = []  # hop 1 launched, hop 2 not yet (this backward)
         self._hop2_started: set[int] = set()
+        self.replaced: dict[int, Any] = {}  # id(original parameter) -> (weakref, shard); set by shard_model
         self._register_hooks()
 
     @property

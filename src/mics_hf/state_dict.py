@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .collectives import _all_gather_tensor
 from .param_group import ShardedParam
 from .shard import get_state
 
@@ -24,7 +25,7 @@ def gather_full_param(
         full = padded
     else:
         full = torch.empty(p * sp.padded_len, dtype=torch.float32, device=padded.device)
-        dist.all_gather_into_tensor(full, padded, group=partition_pg)
+        _all_gather_tensor(full, padded, group=partition_pg)
     return full[: sp.global_shape.numel()].view(sp.global_shape)
 
 
@@ -41,16 +42,16 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = Tr
     for _, g in state.units:
         for sp in g.params:
             by_id[id(sp.sharded)] = (sp, g.groups.partition.pg)
-    gathered: dict[int, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}  # tied weights stay one tensor under each of their keys
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict(keep_vars=True).items():
-        if id(value) in by_id:
-            if id(value) not in gathered:
+        if id(value) not in copies:
+            if id(value) in by_id:
                 sp, pg = by_id[id(value)]
-                gathered[id(value)] = gather_full_param(sp, pg, state.topology.partition_size)
-            tensor = gathered[id(value)]
-        else:
-            tensor = value.detach()
+                tensor = gather_full_param(sp, pg, state.topology.partition_size)
+            else:
+                tensor = value.detach()
+            copies[id(value)] = (tensor.cpu().clone() if cpu else tensor.clone()) if keep else tensor
         if keep:
-            out[key] = tensor.cpu().clone() if cpu else tensor.clone()
+            out[key] = copies[id(value)]
     return out
