@@ -40,7 +40,7 @@ from .param_group import ShardedParam
 from .shard import get_state
 from .state import TrainingState
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "CheckpointError", "read_metadata", "FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "restore_rng_state", "CheckpointError", "read_metadata", "FORMAT"]
 
 FORMAT = "mics_hf-checkpoint"
 VERSION = 1
@@ -578,6 +578,15 @@ def load_checkpoint(
     if rng is not None:
         _restore_rng(rng)
     return {"step": meta["step"], **meta.get("extra", {})}
+
+
+def restore_rng_state(path: str | os.PathLike) -> bool:
+    """Restore this rank's RNG states from a checkpoint (no-op at another world size); True if restored."""
+    meta = read_metadata(path)
+    rng = _read_rng(Path(meta["_path"]), meta)
+    if rng is not None:
+        _restore_rng(rng)
+    return rng is not None
 
 
 def _read_values(reader: "_ShardReader", params, meta, values, opt_values, with_optimizer: bool) -> None:

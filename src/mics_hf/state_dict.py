@@ -32,8 +32,10 @@ def gather_full_param(
 def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = True) -> dict[str, torch.Tensor]:
     """Gather every parameter to full size; rank 0 gets {key: tensor} (all ranks if rank0_only=False), others {}.
 
-    Keys are those of the unsharded model's state_dict (tied weights appear under each of their keys), values
-    fp32 parameters and the model's own buffers. Every rank must call it: each partition group gathers in
+    Keys are those of the unsharded model's state_dict, values fp32 parameters and the model's own buffers. Tied
+    weights are one tensor under each of their keys, as in the unsharded model: `save_pretrained` and
+    `torch.save` keep them tied, while safetensors' `save_file` refuses shared tensors (drop the tied key or
+    clone first). Every rank must call it: each partition group gathers in
     parallel.
     """
     state = get_state(model)
