@@ -58,6 +58,9 @@ def main() -> None:
         if args.save_at is not None and args.save_dir and step + 1 == args.save_at:
             acc.save_state(args.save_dir)
     state = acc.get_state_dict(model)
+    # gather_for_metrics works as usual: every rank's loss of the last micro-batch, in rank order
+    gathered = acc.gather_for_metrics(loss.detach().reshape(1))
+    acc.save_model(model, args.out + "_saved")  # full weights in safetensors, written by the main process
     report = {
         "mics": acc.mics_enabled and mics_hf.is_sharded(model),
         "hop2": mics_hf.stats.num_hop2(model) if mics_hf.is_sharded(model) else None,
@@ -65,6 +68,7 @@ def main() -> None:
         "distributed_type": str(acc.distributed_type),
         "losses": losses,
         "optimizer_steps": args.steps - start,
+        "gathered": gathered.tolist(),
     }
     if acc.is_main_process:
         from safetensors.torch import save_file

@@ -16,6 +16,12 @@ from pathlib import Path
 
 import pytest
 
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -67,6 +73,14 @@ def test_mics_cpu_yaml_matches_ddp_and_resumes_exactly(tmp_path):
         assert (mics_state[key] - ref).abs().max().item() / scale <= 1e-5, key
         assert (resumed_state[key] == mics_state[key]).all(), key  # bit-identical resume
     assert resumed_report["losses"] == mics_report["losses"][3:]
+    assert len(mics_report["gathered"]) == 4  # gather_for_metrics: one value per process
+    from safetensors.torch import load_file
+
+    saved = {}
+    for f in sorted((tmp_path / "mics_saved").glob("*.safetensors")):
+        saved.update(load_file(str(f)))
+    for key, ref in mics_state.items():  # save_model wrote the full, unsharded weights
+        assert torch_equal(saved[key], ref), key
     assert max(abs(a - b) for a, b in zip(mics_report["losses"], ddp_report["losses"])) <= 1e-5
 
 
