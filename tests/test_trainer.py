@@ -126,3 +126,13 @@ def test_mics_flag_alone_takes_environment_settings(monkeypatch, tmp_path):
     monkeypatch.delenv("MICS_CONFIG")
     (plain,) = HfArgumentParser(MiCSTrainingArguments).parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
     assert plain.mics_settings is None
+
+
+@pytest.mark.slow
+def test_trainer_mics_bf16_with_gradient_checkpointing_and_evaluation(tmp_path):
+    """--bf16 becomes MiCS's compute dtype (fp32 master shards); --gradient_checkpointing re-enters the hooks."""
+    report = _run(tmp_path, "bf16", "--mics", MICS, "--bf16", "--gradient_checkpointing", "--eval_strategy", "steps",
+                  "--eval_steps", "3", "--report_to", "none")
+    assert report["mics"] and len(report["losses"]) == 6
+    assert all(0 < loss < 10 for loss in report["losses"]) and 0 < report["eval_loss"] < 10
+    assert all(v.dtype == torch.float32 for v in report["state"].values())  # exported from the fp32 masters
