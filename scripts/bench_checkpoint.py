@@ -67,6 +67,7 @@ import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import mics_hf  # noqa: E402
+from bench_common import command_line, machine_info  # noqa: E402
 from mics_hf.checkpoint import METADATA, _writer_of  # noqa: E402  (which rank writes which shard file)
 from mics_hf.shard import get_state  # noqa: E402  (the ShardedParams, for the checksums and the optimizer gather)
 from mics_hf.state_dict import gather_full_param  # noqa: E402
@@ -521,38 +522,6 @@ NOTES = [
 ]
 
 
-def machine_info() -> dict[str, Any]:
-    processor = platform.processor()
-    if not processor and os.path.exists("/proc/cpuinfo"):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                processor = line.split(":", 1)[1].strip()
-                break
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    import safetensors
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": processor or "unknown",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-        "mics_hf": mics_hf.__version__,
-        "mics_hf_commit": commit,
-    }
-
-
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-
-
 def config_lines(opts: Options, params: int, tmp_parent: str) -> list[str]:
     return [
         f"- {opts.nproc} CPU ranks (gloo, 1 thread each), emulated as {opts.nproc // opts.devices_per_node} nodes x "
@@ -670,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         print("\nERRORS", *errors, sep="\n", file=sys.stderr)
     if ns.record:
-        path = record(opts, summary, machine_info(), ns.out_dir, wall_s, params, tmp_parent, errors)
+        path = record(opts, summary, machine_info(safetensors=__import__('safetensors').__version__), ns.out_dir, wall_s, params, tmp_parent, errors)
         print(f"\nrecorded {os.path.relpath(path, ROOT)} (and .json)")
     print(f"wall time {wall_s:.0f} s; scratch directory {tmp} removed")
     return 1 if errors else 0

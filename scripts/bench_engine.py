@@ -68,6 +68,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block  # noqa: E402
 
 import mics_hf  # noqa: E402
+from bench_common import command_line, machine_info  # noqa: E402
 
 HSDP_KEY = "fsdp2_hsdp"
 DDP_KEY = "ddp"
@@ -563,37 +564,6 @@ def render_errors(summary: dict[str, Any]) -> list[str]:
         if row.get("error"):
             out += [f"{engine_label(key)} failed:", row["error"]]
     return out
-
-
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on and with: they mean nothing without it."""
-    processor = platform.processor()
-    if not processor and os.path.exists("/proc/cpuinfo"):
-        # platform.processor() is empty on many Linux builds; /proc/cpuinfo names the CPU.
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                processor = line.split(":", 1)[1].strip()
-                break
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": processor or "unknown",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "mics_hf": mics_hf.__version__,
-        "mics_hf_commit": commit,
-    }
-
-
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
 
 
 def record(opts: Options, summary: dict[str, Any], info: dict[str, Any], out_dir: Path, wall_s: float) -> Path:

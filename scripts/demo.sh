@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The main demo: trains a tiny GPT-2 with mics_hf on 4 CPU processes (gloo) that emulate 2 nodes x 2 ranks, and
-# prints per step the loss, the step time and the bytes each collective moved on intra-node / inter-node links,
-# then a summary table. Sets up .venv first if needed. Extra arguments go to scripts/demo_engine.py, e.g.
-#   bash scripts/demo.sh --steps 3 --partition-size 2 --hierarchical false
+# The main job: pretrain a tiny GPT with MiCS through Accelerate, the way a cluster run is launched:
+#   accelerate launch --config_file accelerate_configs/mics_cpu.yaml recipes/pretrain_gpt.py --preset tiny
+# 4 CPU processes (gloo) act as 2 emulated nodes x 2, one partition group of 4 spanning both, so parameters
+# are gathered and gradients reduce-scattered hierarchically. It trains on the Python standard library's own
+# source (offline, with a tokenizer trained on it), logs every step to runs/demo/metrics.jsonl and to an
+# offline W&B run, and ends with a summary table. Sets up .venv first if needed; extra arguments go to the
+# recipe (e.g. --max_steps 20). The plain-PyTorch version of the same idea: scripts/demo_engine.py.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
-# Four ranks on a 2-core machine: one intra-op thread each, so they do not fight over the cores.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-python -m torch.distributed.run --standalone --nproc_per_node 4 "$ROOT/scripts/demo_engine.py" "$@"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # 4 ranks on a small machine: one intra-op thread each
+export TRANSFORMERS_VERBOSITY="${TRANSFORMERS_VERBOSITY:-error}" WANDB_SILENT="${WANDB_SILENT:-true}"
+rm -rf runs/demo/checkpoints                      # a fresh run each time (the tokenizer cache is kept)
+accelerate launch --config_file accelerate_configs/mics_cpu.yaml recipes/pretrain_gpt.py \
+    --preset tiny --max_steps 60 --output_dir runs/demo --report_to wandb --run_name demo "$@"

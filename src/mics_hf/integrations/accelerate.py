@@ -225,6 +225,7 @@ class MiCSAccelerator(Accelerator):
                 root, model, opt, step=self.step, scheduler=sched,
                 scaler=self.scaler if self.scaler is not None else None,
                 extra={"accelerate_step": self.step, "custom_objects": custom}, overwrite=True,
+                keep_last=self.project_configuration.total_limit,
             )
         return str(output_dir)
 

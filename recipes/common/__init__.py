@@ -1,0 +1,1 @@
+"""Shared pieces of the pretraining recipes: data, tokenizers and batches (see ``data.py``)."""
