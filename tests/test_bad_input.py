@@ -4,7 +4,7 @@ before any collective or process group is created (so no rank is left waiting in
 Cases: partition size not dividing the world; a partition covering part of a node (pure arithmetic, see
 test_topology); devices per node not dividing the world; hierarchical=True with a single node; a model with no
 parameters; sharding a model twice; a non-float param_dtype (see test_config); units that match nothing; a
-node map of the wrong length; parameters on the meta device.
+node map of the wrong length; meta-device parameters the model has no way to initialise.
 """
 
 from __future__ import annotations
@@ -51,9 +51,17 @@ def _shard_real(model):
     mics_hf.shard_model(model, mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
 
 
+class _RawWeights(nn.Module):
+    """Parameters with no initialisation recipe (no reset_parameters, no _init_weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(4, 4))
+
+
 def _meta_model():
     with torch.device("meta"):
-        model = nn.Linear(4, 4)
+        model = _RawWeights()
     return model, mics_hf.MiCSConfig(devices_per_node=2)
 
 
@@ -78,7 +86,7 @@ EXPECTED = {
     "sharded_twice": r"already sharded by mics_hf",
     "units_match_nothing": r"no module of GPT2LMHeadModel matches units=\['NoSuchBlock'\]",
     "node_map_wrong_length": r"node_of_rank lists 4 ranks but the world has 8",
-    "meta_parameters": r"meta device; materialise",
+    "meta_parameters": r"on the meta device and _RawWeights has neither `_init_weights`.*materialise the model",
 }
 
 # Validation that needs the topology (hierarchical / partial nodes) runs after a rank -> node map is known; with

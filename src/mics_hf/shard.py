@@ -123,10 +123,15 @@ def _validate_before_collectives(model: nn.Module, config: MiCSConfig, world_siz
             "the weights"
         )
     meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if meta:
+    if meta and len(meta) != len(list(model.parameters())):
         raise ValueError(
-            f"parameters {meta[:3]}... are on the meta device; materialise the model (e.g. model.to_empty(...) and "
-            "initialise) before sharding"
+            f"some parameters are on the meta device ({meta[:3]}...) and others are not; build the whole model under "
+            "accelerate.init_empty_weights(include_buffers=False), or materialise it entirely"
+        )
+    if meta and _init_function(model) is None:
+        raise ValueError(
+            f"parameters {meta[:3]}... are on the meta device and {type(model).__name__} has neither `_init_weights` "
+            "(Hugging Face models) nor `reset_parameters` on its modules; materialise the model before sharding"
         )
     if config.partition_size is not None and world_size % config.partition_size != 0:
         valid = [d for d in range(1, world_size + 1) if world_size % d == 0]
@@ -140,7 +145,7 @@ def _validate_before_collectives(model: nn.Module, config: MiCSConfig, world_siz
         )
     if config.devices_per_node is not None and config.node_of_rank is None:
         node_map_from_devices_per_node(world_size, config.devices_per_node)  # raises with the divisors
-    devices = {p.device for p in model.parameters()}
+    devices = {p.device for p in model.parameters() if not p.is_meta}
     if len(devices) > 1:
         raise ValueError(
             f"the model's parameters are on several devices {sorted(map(str, devices))}; move it to one device "
@@ -227,6 +232,39 @@ def _common_unit(owners: set[str], units_sorted: list[str]) -> str:
     return ""
 
 
+def _init_function(model: nn.Module):
+    """How to initialise a module's own parameters after materialising them from the meta device."""
+    if hasattr(model, "_init_weights"):  # Hugging Face: the model's own scheme (e.g. GPT-2's scaled c_proj)
+        return lambda module: model._init_weights(module)
+    if any(hasattr(m, "reset_parameters") for m in model.modules()):
+        return lambda module: module.reset_parameters() if hasattr(module, "reset_parameters") else None
+    return None
+
+
+def _materialise_unit(model: nn.Module, unit: nn.Module, entries: list, other_units: list[nn.Module], device: torch.device) -> list:
+    """Give a meta-device unit real, initialised parameters: one unit at a time, never the whole model.
+
+    Every rank initialises the same full unit from the same RNG state (the model's initial weights do not
+    depend on the rank), then keeps only its shard. Modules inside other units are skipped: their parameters
+    are already shards.
+    """
+    if not entries or not entries[0][1].is_meta:
+        return entries
+    fresh = []
+    for fqn, p, uses in entries:
+        real = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+        for module, name in uses:
+            module._parameters[name] = real
+        fresh.append((fqn, real, uses, p))
+    inside_nested = {id(m) for u in other_units for m in u.modules()}
+    init = _init_function(model)
+    with torch.no_grad():
+        for module in unit.modules():
+            if id(module) not in inside_nested:
+                init(module)
+    return fresh
+
+
 def _comm_groups(topology: Topology) -> CommGroups:
     pgs = create_process_groups(topology)
     r = topology.rank
@@ -243,12 +281,16 @@ def _comm_groups(topology: Topology) -> CommGroups:
     return CommGroups(partition=partition, replication=replication, intra_node=intra, inter_node=inter, chunk_order=order)
 
 
-def shard_model(model: nn.Module, config: MiCSConfig | None = None) -> nn.Module:
+def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: torch.device | str | None = None) -> nn.Module:
     """Shard `model` in place with MiCS and return it.
 
     Every rank of the default process group must call this with the same model structure and config. With no
     process group initialised it runs as a world of one (same hooks, no communication). Build the optimizer
     on `model.parameters()` afterwards: those are the local fp32 shards.
+
+    A model built on the meta device (`accelerate.init_empty_weights(include_buffers=False)`) is materialised
+    one unit at a time on `device` (default: the current CUDA device, else CPU) with the model's own
+    initialisation, so no rank ever holds the whole model.
     """
     config = config or MiCSConfig()
     world_size, rank = _world()
@@ -257,17 +299,29 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None) -> nn.Module
     groups = _comm_groups(topology)
     stats = CommStats()
     policy = config.mixed_precision
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    if first.is_meta:
+        device = torch.device(device) if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    else:
+        device = first.device
 
     unit_entries = _unit_modules(model, config)
     assignment = _assign_parameters(model, [n for n, _ in unit_entries])
     units: list[tuple[nn.Module, ParamGroup]] = []
     replaced: dict[int, tuple[weakref.ref, nn.Parameter]] = {}
-    for name, module in unit_entries + [("", model)]:
+    # innermost units first (deepest path first, the root last): a unit's materialisation then never touches
+    # modules of a nested unit, whose parameters are already shards
+    ordered = sorted(unit_entries, key=lambda e: -e[0].count(".")) + [("", model)]
+    for name, module in ordered:
+        nested = [m for n, m in unit_entries if m is not module and (name == "" or n.startswith(name + "."))]
+        entries = _materialise_unit(model, module, assignment[name], nested, device)
         sharded = []
-        for fqn, p, uses in assignment[name]:
+        for entry in entries:
+            fqn, p, uses = entry[:3]
+            original = entry[3] if len(entry) > 3 else p
             sp = ShardedParam(fqn, p, uses, p=topology.partition_size, position=topology.position, compute_dtype=policy.compute_dtype)
-            replaced[id(p)] = (weakref.ref(p), sp.sharded)
+            replaced[id(original)] = (weakref.ref(original), sp.sharded)
             sharded.append(sp)
         if not sharded and module is not model:
             continue

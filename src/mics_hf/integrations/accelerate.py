@@ -114,9 +114,11 @@ class MiCSAccelerator(Accelerator):
         if not self.mics_enabled:
             return super().prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
         if not is_sharded(model):
-            if device_placement is None or device_placement:
+            on_meta = any(p.is_meta for p in model.parameters())
+            if not on_meta and (device_placement is None or device_placement):
                 model = model.to(self.device)
-            shard_model(model, self.mics_config)
+            # a meta-device model is materialised unit by unit on this process's device inside shard_model
+            shard_model(model, self.mics_config, device=self.device if on_meta else None)
         if model not in self._models:
             self._models.append(model)
         return model
