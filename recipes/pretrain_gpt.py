@@ -12,21 +12,18 @@ it works offline on any machine. The loop itself is recipes/common/loop.py.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
 import torch
-from accelerate.utils import ProjectConfiguration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mics_hf  # noqa: E402
-from common.cli import build_parser, output_paths, resolve_preset, split_stream  # noqa: E402
-from common.data import PackedBlocks, get_tokenizer, synthetic_batch, text_stream  # noqa: E402
+from common.cli import build_parser, output_paths, resolve_preset  # noqa: E402
+from common.data import synthetic_batch  # noqa: E402
 from common.loop import Recipe, train  # noqa: E402
-from common.run import dry_run, evaluate_perplexity, make_optimizer  # noqa: E402
-from mics_hf.presets import build_config, model_class  # noqa: E402
+from common.run import build_model, dry_run, evaluate_perplexity, make_accelerator, make_data, make_optimizer  # noqa: E402
 
 FAMILY = "gpt"
 
@@ -38,28 +35,14 @@ def main() -> None:
         return dry_run(preset, args.partition_size_for_report)
     paths = output_paths(args)
 
-    # 1. The accelerator: MiCS settings come from the config file's `mics` block (or MICS_CONFIG).
-    accelerator = mics_hf.MiCSAccelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with="wandb" if args.report_to == "wandb" else None,
-        project_config=ProjectConfiguration(project_dir=str(paths["root"]), total_limit=args.save_total_limit),
-    )
+    # 1. The accelerator (MiCS from the config file), then text -> tokenizer -> packed blocks for this rank.
+    accelerator = make_accelerator(args, paths)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank = accelerator.process_index
+    data = make_data(accelerator, args, paths, preset, FAMILY)
+    preset, tokenizer, blocks = data.preset, data.tokenizer, data.blocks
 
-    # 2. Text, tokenizer, and packed blocks of `seq` tokens; each rank reads its own blocks.
-    texts = lambda: text_stream(dataset=args.dataset, dataset_config=args.dataset_config,  # noqa: E731
-                                train_file=args.train_file, text_column=args.text_column, max_bytes=args.corpus_bytes)
-    train_texts = split_stream(texts, args.eval_every_nth_document, held_out=False)
-    eval_texts = split_stream(texts, args.eval_every_nth_document, held_out=True)
-    tokenizer = blocks = None
-    if not args.synthetic:
-        with accelerator.main_process_first():  # rank 0 trains the tokenizer; the others read its cache
-            tokenizer = get_tokenizer(FAMILY, name=args.tokenizer, cache_dir=paths["tokenizer_cache"],
-                                      texts=train_texts, vocab_size=preset.vocab)
-        preset = dataclasses.replace(preset, vocab=len(tokenizer))  # the embedding matches the tokenizer
-        blocks = PackedBlocks(train_texts, tokenizer, seq_len=preset.seq, rank=rank, world_size=world, family=FAMILY)
-
+    # 2. One micro-batch for (step, micro-step).
     def batch(step: int, micro: int) -> dict[str, torch.Tensor]:
         if blocks is None:  # --synthetic: random tokens, deterministic per (step, micro-step, rank)
             ids = synthetic_batch(vocab_size=preset.vocab, micro_batch=preset.micro_batch, seq_len=preset.seq,
@@ -68,18 +51,16 @@ def main() -> None:
             ids = blocks.next_batch(preset.micro_batch)
         return {"input_ids": ids, "labels": ids}  # the model shifts the labels itself
 
-    # 3. The model from its config (initialised here, not downloaded), sharded by prepare().
-    model = model_class(preset)(build_config(preset))
-    if not args.no_activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # 3. The model (on the meta device under MiCS), sharded and materialised by prepare().
+    model = build_model(accelerator, preset, args)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer, scheduler = make_optimizer(model, args, world)
+    optimizer, scheduler = make_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if blocks is not None:
         accelerator.register_for_checkpointing(blocks)  # the data position is part of every checkpoint
 
     evaluate = None if tokenizer is None else (
-        lambda: evaluate_perplexity(accelerator, model, tokenizer, eval_texts, preset, args))
+        lambda: evaluate_perplexity(accelerator, model, tokenizer, data.eval_texts, preset, args))
     train(accelerator, model, optimizer, scheduler, Recipe(FAMILY, batch, evaluate, tokenizer), preset, args, paths, n_params)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -18,6 +18,65 @@ from .data import PackedBlocks, mask_tokens
 METRICS_DIR = Path(__file__).resolve().parents[1] / "metrics"
 
 
+def make_accelerator(args: argparse.Namespace, paths: dict[str, Path]) -> Any:
+    """The accelerator: its MiCS settings come from the launching config's `mics` block (or MICS_CONFIG)."""
+    from accelerate.utils import ProjectConfiguration
+
+    import mics_hf
+
+    return mics_hf.MiCSAccelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="wandb" if args.report_to == "wandb" else None,
+        project_config=ProjectConfiguration(project_dir=str(paths["root"]), total_limit=args.save_total_limit),
+    )
+
+
+@dataclasses.dataclass
+class Data:
+    """The text side of a run: tokenizer, this rank's packed training blocks, the held-out documents."""
+
+    preset: ModelPreset  # with `vocab` set to the tokenizer's size
+    tokenizer: Any = None
+    blocks: PackedBlocks | None = None
+    eval_texts: Callable[[], Iterator[str]] | None = None
+
+
+def make_data(accelerator: Any, args: argparse.Namespace, paths: dict[str, Path], preset: ModelPreset, family: str) -> Data:
+    """Text stream -> tokenizer (rank 0 trains it first, the others read its cache) -> blocks of `seq` tokens."""
+    from .cli import split_stream
+    from .data import get_tokenizer, text_stream
+
+    if args.synthetic:
+        return Data(preset)
+    texts = lambda: text_stream(dataset=args.dataset, dataset_config=args.dataset_config,  # noqa: E731
+                                train_file=args.train_file, text_column=args.text_column, max_bytes=args.corpus_bytes)
+    train_texts = split_stream(texts, args.eval_every_nth_document, held_out=False)
+    with accelerator.main_process_first():
+        tokenizer = get_tokenizer(family, name=args.tokenizer, cache_dir=paths["tokenizer_cache"],
+                                  texts=train_texts, vocab_size=preset.vocab)
+    preset = dataclasses.replace(preset, vocab=len(tokenizer))  # the embedding matches the tokenizer
+    blocks = PackedBlocks(train_texts, tokenizer, seq_len=preset.seq, rank=accelerator.process_index,
+                          world_size=accelerator.num_processes, family=family)
+    return Data(preset, tokenizer, blocks, split_stream(texts, args.eval_every_nth_document, held_out=True))
+
+
+def build_model(accelerator: Any, preset: ModelPreset, args: argparse.Namespace) -> torch.nn.Module:
+    """The model from its config. Under MiCS it is created on the meta device and materialised one unit at a
+    time by prepare(), so no rank ever holds the whole model: that is how the 10B-175B presets fit."""
+    import contextlib
+
+    from accelerate import init_empty_weights
+
+    from mics_hf.presets import build_config, model_class
+
+    meta = init_empty_weights(include_buffers=False) if accelerator.mics_enabled else contextlib.nullcontext()
+    with meta:
+        model = model_class(preset)(build_config(preset))
+    if not args.no_activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def print_main(accelerator: Any, text: str) -> None:
     if accelerator.is_main_process:
         print(text, flush=True)
@@ -108,13 +167,16 @@ def evaluate_mlm(accelerator: Any, model: torch.nn.Module, tokenizer: Any, texts
         ids, labels = mask_tokens(blocks.next_batch(preset.micro_batch), tokenizer, generator=generator)
         ids, labels = ids.to(accelerator.device), labels.to(accelerator.device)
         logits = model(input_ids=ids).logits.float()
-        keep = labels != -100
-        nll = F.cross_entropy(logits[keep], labels[keep], reduction="none")
-        preds.append(accelerator.gather_for_metrics(logits.argmax(-1)[keep]))
-        refs.append(accelerator.gather_for_metrics(labels[keep]))
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none", ignore_index=-100)
+        # every rank gathers whole batches (same shapes everywhere: gloo cannot gather ragged tensors); the
+        # unmasked positions carry reference -100 and are dropped after the gather
+        preds.append(accelerator.gather_for_metrics(logits.argmax(-1).reshape(-1)))
+        refs.append(accelerator.gather_for_metrics(labels.reshape(-1)))
         nlls.append(accelerator.gather_for_metrics(nll))
     model.train()
+    refs_all = torch.cat(refs).cpu()
+    keep = refs_all != -100
     acc = evaluate.load(str(METRICS_DIR / "mlm_accuracy")).compute(
-        predictions=torch.cat(preds).cpu().numpy(), references=torch.cat(refs).cpu().numpy())
-    ppl = evaluate.load(str(METRICS_DIR / "perplexity")).compute(losses=torch.cat(nlls).cpu().double().numpy())
+        predictions=torch.cat(preds).cpu()[keep].numpy(), references=refs_all[keep].numpy())
+    ppl = evaluate.load(str(METRICS_DIR / "perplexity")).compute(losses=torch.cat(nlls).cpu()[keep].double().numpy())
     return {"eval/mlm_accuracy": acc["mlm_accuracy"], "eval/perplexity": ppl["perplexity"], "eval/loss": ppl["mean_nll"]}
