@@ -33,6 +33,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from .costmodel import format_plan, plan
+
+    print(format_plan(plan(args.model, args.cluster, args.nodes, grad_accum=args.grad_accum, seq=args.seq)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mics-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("out_dir")
     export.add_argument("--tokenizer", default=None, help="tokenizer directory to copy (default: the checkpoint's own)")
     export.set_defaults(func=_export)
+    planner = sub.add_parser("plan", help="pick the partition size and predict MiCS vs ZeRO-3 vs HSDP (cost model)")
+    planner.add_argument("--model", required=True, help="a preset: gpt-175b, gpt-100b, bert-10b, gpt2-10b, ...")
+    planner.add_argument("--cluster", required=True, help="p3dn, p4d, p4de or p5 (AWS instance types)")
+    planner.add_argument("--nodes", type=int, required=True)
+    planner.add_argument("--grad-accum", type=int, default=1)
+    planner.add_argument("--seq", type=int, default=None, help="default: the preset's sequence length")
+    planner.set_defaults(func=_plan)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -16,6 +16,7 @@ leaf, so gradients land on it whatever happened in between. Refilling goes throu
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from dataclasses import dataclass
@@ -28,7 +29,38 @@ from . import collectives as C
 from .api import MixedPrecisionPolicy
 from .topology import Topology
 
-__all__ = ["ShardedParam", "ParamGroup", "CommGroups", "ShardState"]
+__all__ = ["ShardedParam", "ParamGroup", "CommGroups", "ShardState", "CommStreams"]
+
+
+class CommStreams:
+    """Side CUDA streams for the three kinds of communication, so they overlap compute (none on CPU).
+
+    [Note: stream ordering] Each side stream first waits for the compute stream at the point the work is
+    issued (the shards or gradients it reads were written there), the compute stream waits for the
+    collective's completion before it reads the result (Work.wait on the compute stream), and a buffer made
+    on a side stream but read on the compute stream is marked with record_stream so the caching allocator
+    does not hand its memory out again too early. No torch.cuda.synchronize() is needed anywhere.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.all_gather = torch.cuda.Stream(device)
+        self.reduce_scatter = torch.cuda.Stream(device)
+        self.all_reduce = torch.cuda.Stream(device)
+
+    def current(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def start_on(self, stream: torch.cuda.Stream, after: torch.cuda.Stream | None = None) -> "contextlib.AbstractContextManager":
+        """Make `stream` wait for `after` (default: the compute stream), then run the block on it."""
+        stream.wait_stream(after if after is not None else self.current())
+        return torch.cuda.stream(stream)
+
+
+def _on(streams: CommStreams | None, name: str, *, after: str | None = None) -> "contextlib.AbstractContextManager":
+    if streams is None:
+        return contextlib.nullcontext()
+    return streams.start_on(getattr(streams, name), getattr(streams, after) if after else None)
 
 
 class ShardState(enum.Enum):
@@ -116,8 +148,10 @@ class ParamGroup:
         policy: MixedPrecisionPolicy,
         stats: C.CommStats,
         device: torch.device,
+        streams: "CommStreams | None" = None,
     ) -> None:
         self.label = label or "<root>"
+        self.streams = streams
         self.params = params
         self.topology = topology
         self.groups = groups
@@ -160,19 +194,19 @@ class ParamGroup:
             self.state = ShardState.GATHERING
             return
         dtype = self.policy.compute_dtype
-        send = torch.empty(self.segment_numel, dtype=dtype, device=self.device)
-        with torch.no_grad():
+        with _on(self.streams, "all_gather"), torch.no_grad():
+            send = torch.empty(self.segment_numel, dtype=dtype, device=self.device)
             for sp in self.params:
                 seg = send[sp.segment_offset : sp.segment_offset + sp.padded_len]
                 seg[: sp.local_numel].copy_(sp.sharded.reshape(-1))
                 seg[sp.local_numel :].zero_()
-        out = torch.empty(self.p * self.segment_numel, dtype=dtype, device=self.device)
-        if self.groups.hierarchical:
-            self._gather_work = C.hierarchical_all_gather(
-                out, send, inter=self.groups.inter_node, intra=self.groups.intra_node, stats=self.stats, label=self.label
-            )
-        else:
-            self._gather_work = C.all_gather(out, send, self.groups.partition, stats=self.stats, label=self.label)
+            out = torch.empty(self.p * self.segment_numel, dtype=dtype, device=self.device)
+            if self.groups.hierarchical:
+                self._gather_work = C.hierarchical_all_gather(
+                    out, send, inter=self.groups.inter_node, intra=self.groups.intra_node, stats=self.stats, label=self.label
+                )
+            else:
+                self._gather_work = C.all_gather(out, send, self.groups.partition, stats=self.stats, label=self.label)
         self._gather_out = out
         self.state = ShardState.GATHERING
 
@@ -205,6 +239,8 @@ class ParamGroup:
                     else:  # chunk c of the output is position order[c]: read through the permutation
                         sp.padded.index_copy_(0, self._order, src)
                 sp.point_modules_to(sp.unsharded)
+        if self.streams is not None:  # made on the all-gather stream, read above on the compute stream
+            self._gather_out.record_stream(self.streams.current())
         self._gather_work = None
         self._gather_out = None
         self.state = ShardState.UNSHARDED
@@ -231,10 +267,10 @@ class ParamGroup:
             self._accumulate_local_grads()
             return
         dtype = self.policy.gradient_reduce_dtype
-        full = torch.empty(self.p * self.segment_numel, dtype=dtype, device=self.device)
-        full2d = full.view(self.p, self.segment_numel)
         any_grad = False
-        with torch.no_grad():
+        with _on(self.streams, "reduce_scatter"), torch.no_grad():
+            full = torch.empty(self.p * self.segment_numel, dtype=dtype, device=self.device)
+            full2d = full.view(self.p, self.segment_numel)
             for sp in self.params:
                 dst = full2d[:, sp.segment_offset : sp.segment_offset + sp.padded_len]
                 grad = sp.unsharded.grad
@@ -250,28 +286,33 @@ class ParamGroup:
                     dst.copy_(src)
                 else:  # chunk c must hold position order[c]'s block (index_copy_ does not cast)
                     dst.index_copy_(0, self._inverse, src.to(dtype))
+                if self.streams is not None:  # made on the compute stream, read on the reduce-scatter stream
+                    grad.record_stream(self.streams.reduce_scatter)
                 sp.unsharded.grad = None
-        self.num_grads_ready = 0
-        if not any_grad:
-            return
-        out = torch.empty(self.segment_numel, dtype=dtype, device=self.device)
-        if self.groups.hierarchical:
-            self._reduce_work = C.hierarchical_reduce_scatter(
-                out, full, intra=self.groups.intra_node, inter=self.groups.inter_node, stats=self.stats, label=self.label
-            )
-        else:
-            self._reduce_work = C.reduce_scatter(out, full, self.groups.partition, stats=self.stats, label=self.label)
+            self.num_grads_ready = 0
+            if not any_grad:
+                return
+            out = torch.empty(self.segment_numel, dtype=dtype, device=self.device)
+            if self.groups.hierarchical:
+                self._reduce_work = C.hierarchical_reduce_scatter(
+                    out, full, intra=self.groups.intra_node, inter=self.groups.inter_node, stats=self.stats, label=self.label
+                )
+            else:
+                self._reduce_work = C.reduce_scatter(out, full, self.groups.partition, stats=self.stats, label=self.label)
         self._reduce_out = out
 
     def wait_reduce(self) -> None:
         """Finish hop 1 and add the result, divided once by the world size, to the fp32 shard gradients."""
         if self._reduce_work is None:
             return
-        self._reduce_work.wait()
-        self._reduce_work = None
-        out, self._reduce_out = self._reduce_out, None
-        self._attach_shard_grads()
-        self.grad_flat.add_(out, alpha=1.0 / self.topology.world_size)
+        # on CUDA the accumulation stays on the reduce-scatter stream; the end of backward joins it
+        ctx = torch.cuda.stream(self.streams.reduce_scatter) if self.streams is not None else contextlib.nullcontext()
+        with ctx:
+            self._reduce_work.wait()
+            self._reduce_work = None
+            out, self._reduce_out = self._reduce_out, None
+            self._attach_shard_grads()
+            self.grad_flat.add_(out, alpha=1.0 / self.topology.world_size)
 
     def _accumulate_local_grads(self) -> None:
         """Hop 1 of a partition group of one rank: no communication, add grad / N straight into the shard."""
@@ -313,9 +354,19 @@ class ParamGroup:
         """Hop 2: start the sum of the accumulated shard gradients across the replication group."""
         if self.groups.replication.pg is None or not any(sp.sharded.grad is not None for sp in self.params):
             return
-        self._hop2_work = C.all_reduce(self.grad_flat, self.groups.replication, stats=self.stats, label=self.label)
+        with _on(self.streams, "all_reduce", after="reduce_scatter"):  # grad_flat was accumulated there
+            self._hop2_work = C.all_reduce(self.grad_flat, self.groups.replication, stats=self.stats, label=self.label)
 
     def wait_all_reduce(self) -> None:
         if self._hop2_work is not None:
-            self._hop2_work.wait()
+            ctx = torch.cuda.stream(self.streams.all_reduce) if self.streams is not None else contextlib.nullcontext()
+            with ctx:
+                self._hop2_work.wait()
             self._hop2_work = None
+
+    def join_streams(self) -> None:
+        """The compute stream waits for this unit's gradient work (before the optimizer reads grad_flat)."""
+        if self.streams is not None:
+            current = self.streams.current()
+            current.wait_stream(self.streams.reduce_scatter)
+            current.wait_stream(self.streams.all_reduce)

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .api import MiCSConfig
 from .collectives import CommStats, Group
-from .param_group import CommGroups, ParamGroup, ShardedParam
+from .param_group import CommGroups, CommStreams, ParamGroup, ShardedParam
 from .state import MiCSState
 from .topology import Topology, build_topology, create_process_groups, node_map_from_devices_per_node
 
@@ -306,6 +306,7 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
     else:
         device = first.device
 
+    streams = CommStreams(device) if device.type == "cuda" else None  # see [Note: stream ordering]
     unit_entries = _unit_modules(model, config)
     assignment = _assign_parameters(model, [n for n, _ in unit_entries])
     units: list[tuple[nn.Module, ParamGroup]] = []
@@ -325,7 +326,7 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
             sharded.append(sp)
         if not sharded and module is not model:
             continue
-        group = ParamGroup(name, sharded, topology=topology, groups=groups, policy=policy, stats=stats, device=device)
+        group = ParamGroup(name, sharded, topology=topology, groups=groups, policy=policy, stats=stats, device=device, streams=streams)
         for sp in sharded:
             sp.point_modules_to(sp.sharded)
         units.append((module, group))

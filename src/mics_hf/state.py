@@ -204,6 +204,7 @@ class MiCSState:
                     g.wait_all_reduce()
                 self.num_hop2 += 1
             for _, g in self.units:
+                g.join_streams()
                 g.reshard()
             self.num_backwards += 1
         finally:
