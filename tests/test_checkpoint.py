@@ -163,3 +163,25 @@ def test_export_live_and_offline_load_with_from_pretrained(pools, tmp_path):
             if key in sd:
                 assert torch.equal(sd[key], ref), (directory.name, key)
         assert torch.equal(loaded.lm_head.weight, full["transformer.wte.weight"])  # tied weights stay tied
+
+
+def test_rng_states_round_trip_without_pickle():
+    """torch, Python and NumPy streams continue exactly after capture -> reseed -> restore."""
+    import random
+
+    import numpy as np
+
+    from mics_hf.rng import capture_rng, restore_rng
+
+    random.seed(3)
+    np.random.seed(4)
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's state
+    np.random.randn()
+    state = capture_rng()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    first = (random.random(), np.random.rand(), torch.rand(1).item(), random.gauss(0, 1), np.random.randn())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    restore_rng(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), random.gauss(0, 1), np.random.randn()) == first
