@@ -177,3 +177,29 @@ def test_launching_config_is_found_from_the_parent_command_line(tmp_path):
     script = f'exec -a {fake_accelerate} {sys.executable} -c "{parent}" launch --config_file bad.yaml train.py'
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
     assert out.stdout.strip() == str(config), out.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_with_mics_config_environment_variable(tmp_path):
+    """No Accelerate launcher: `MICS_CONFIG=... torchrun script.py` turns MiCS on the same way."""
+    env = _env(MICS_CONFIG='{"partition_size": 2, "devices_per_node": 2}')
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+           str(ROOT / "tests" / "accel_train.py"), "--out", str(tmp_path / "run"), "--steps", "2"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report, _ = _load(tmp_path / "run")
+    assert report["mics"] and report["world"] == 4 and report["hop2"] == 2
+
+
+def _mixed_precision(rank: int, world: int, *, mixed: str) -> str:
+    from mics_hf import MiCSAccelerator
+
+    acc = MiCSAccelerator(mixed_precision=mixed, mics={"partition_size": 1})
+    return str(acc.mics_config.param_dtype)
+
+
+def test_mixed_precision_of_the_accelerator_becomes_the_compute_dtype():
+    from distributed import DistPool
+
+    with DistPool(1, init=False) as pool:
+        assert pool.run(_mixed_precision, mixed="bf16") == ["torch.bfloat16"]
