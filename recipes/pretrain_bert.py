@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mics_hf  # noqa: E402
 from common.cli import build_parser, output_paths, resolve_preset  # noqa: E402
 from common.data import mask_tokens, synthetic_batch  # noqa: E402
 from common.loop import Recipe, train  # noqa: E402

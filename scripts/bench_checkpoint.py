@@ -36,11 +36,8 @@ import datetime
 import gc
 import json
 import os
-import platform
-import shlex
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +60,6 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as torch_mp  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import mics_hf  # noqa: E402

@@ -34,11 +34,8 @@ import datetime
 import gc
 import json
 import os
-import platform
-import shlex
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +57,6 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as torch_mp  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import transformers  # noqa: E402
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402

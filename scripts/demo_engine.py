@@ -211,7 +211,7 @@ def main() -> None:
         f"{statistics.mean(tail):.4f}  (uniform guess: ln 256 = {math.log(256):.4f})")
     log(f"  step time       median {median_s * 1e3:.0f} ms  (training loop wall {wall:.1f} s)")
     log(f"  throughput      {tokens_per_step / median_s:,.0f} tokens/s (at the median step time)")
-    log(f"  communication per optimizer step, all ranks together:")
+    log("  communication per optimizer step, all ranks together:")
     log(f"    {'op':<16}{'intra-node MB':>15}{'inter-node MB':>15}{'calls/rank':>12}")  # a hierarchical call counts per stage
     for op in OPS:
         intra = statistics.mean(b[(op, "intra_node")] for b in bytes_per_step) / MB

@@ -6,7 +6,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import mics_hf
 from distributed import DistPool

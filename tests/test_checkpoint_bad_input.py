@@ -32,7 +32,6 @@ is no "cannot be resharded" case beyond case 19, because shards are cut by rows 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

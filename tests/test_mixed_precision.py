@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import mics_hf
-from mics_hf.shard import get_state
 from models import global_batches, tiny_gpt2
 from parity import run_parity
 

@@ -25,7 +25,7 @@ from ..shard import get_state, is_sharded, shard_model, sharded_param_for
 from ..state_dict import full_state_dict
 from ..stats import comm_stats
 from ..topology import build_topology, node_map_from_devices_per_node
-from .config import ENV_VAR, MiCSSettings, launcher_devices_per_node, resolve_mics_settings
+from .config import MiCSSettings, launcher_devices_per_node, resolve_mics_settings
 
 __all__ = ["MiCSAccelerator"]
 
