@@ -1,6 +1,6 @@
 """The analytic cost model: its primitives by hand, the planner, bad input, and the paper's headline figures.
 
-The headline checks compare the model with the seed article's numbers (PAPER.md, "Headline results") within
+The headline checks compare the model with the MiCS paper's headline numbers within
 15%. The model's constants come from public measurements, not from these claims (see mics_hf.costmodel's
 docstring); where the honest model misses a claim, the test is a strict xfail whose reason carries the predicted
 value, so a change that moves the prediction shows up as an XPASS failure instead of passing silently.
@@ -15,7 +15,7 @@ Settings the paper does not give, chosen once and stated here:
   micro-batch. Micro-batch 2 fits with 1.2 GiB (100B) and 0.4 GiB (175B) to spare, so the two TFLOPS checks
   also depend on the memory assumptions (a 15% reserve instead of 10%, or fp32 gradient buffers, give
   micro-batch 1).
-- BERT on p3dn: seq 512, micro-batch 8, fp16 (PAPER.md), gradient accumulation 1, 2-byte gradients.
+- BERT on p3dn: seq 512, micro-batch 8, fp16 (as in the paper), gradient accumulation 1, 2-byte gradients.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def test_overrides_via_preset_and_seq():
     assert predict("gpt2-10b", P4D, 2, seq=1024).seq == 1024
 
 
-# ---- the paper's headline figures (PAPER.md), within 15% ------------------------------------------------------
+# ---- the paper's headline figures, within 15% ------------------------------------------------------
 def _weak_100b(strategy: str):
     return weak_scaling("gpt-100b", P4D, [16, 64], strategy, micro_batch="max")
 

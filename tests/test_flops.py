@@ -16,7 +16,7 @@ from mics_hf.flops import (
 
 
 def test_bloomberggpt_reproduces_102_tflops_with_8n():
-    # PAPER.md: 50.6B params, 512 A100, seq 2048, global batch 2048 sequences, 32.5 s/step -> 102 TFLOPS/GPU.
+    # BloombergGPT: 50.6B params, 512 A100, seq 2048, global batch 2048 sequences, 32.5 s/step -> 102 TFLOPS/GPU.
     tokens = 2048 * 2048
     tflops = tflops_per_gpu(50_600_000_000, tokens, 32.5, 512)
     assert tflops == pytest.approx(8 * 50.6e9 * tokens / 32.5 / 512 / 1e12)

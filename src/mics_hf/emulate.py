@@ -278,6 +278,7 @@ def measure_all_gather(
     *,
     calibrate: bool = False,
     burst_kb: int = 64,
+    shape_ingress: bool = True,
     timeout: float = 120.0,
 ) -> dict:
     """One warm-up then one measured all-gather of a `megabytes` output buffer on an emulated cluster.
@@ -292,7 +293,7 @@ def measure_all_gather(
     payload = int(megabytes * 2**20)
     payload -= payload % (4 * world)
     phases = ["gather"] + (["send"] if calibrate else [])
-    with EmulatedCluster(nodes, rate_mbit, burst_kb) as cluster:
+    with EmulatedCluster(nodes, rate_mbit, burst_kb, shape_ingress=shape_ingress) as cluster:
         procs = []
         for rank in range(world):
             argv = [sys.executable, "-m", "mics_hf.emulate", "worker", "--nodes", str(nodes),
@@ -320,6 +321,11 @@ def measure_all_gather(
                 tx = [cluster.tx_bytes(n) - tx0[n] for n in range(nodes)]
                 rx = [cluster.rx_bytes(n) - rx0[n] for n in range(nodes)]
                 seconds = max(float(line.split()[2]) for line in done)
+                if os.environ.get("MICS_EMULATE_DEBUG"):
+                    for n in range(nodes):
+                        for ns, dev in ((cluster.node_ns[n], "eth0"), (cluster.bridge_ns, f"v{n}")):
+                            print(subprocess.run(["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", dev],
+                                                 capture_output=True, text=True).stdout, file=sys.stderr)
                 if phase == "gather":
                     result.update(seconds=seconds, wall_seconds=wall, tx_bytes_per_node=tx, rx_bytes_per_node=rx)
                 else:

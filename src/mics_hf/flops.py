@@ -3,7 +3,7 @@ model-state memory per rank.
 
 [Note: which TFLOPS a number is]
 The same run gives three different "TFLOPS per GPU" depending on how model FLOPs are counted, so every figure
-must say which one it uses (PAPER.md, "TFLOPS convention"):
+must say which one it uses (the MiCS paper and its TFLOPS convention):
 
 - 8N (``tflops_per_gpu(..., factor=8)``, the paper's and AWS's convention): 6N for forward + backward plus 2N
   for recomputing the forward under activation checkpointing; attention scores are not counted. BloombergGPT's

@@ -1,7 +1,7 @@
 """Named model shapes: the paper's experiment models and CPU-sized ones, turned into Hugging Face configs.
 
 The shapes of the paper's BERT / GPT-2 / RoBERTa models come from the authors' public experiment configs
-(PAPER.md, "Model shapes"); the 100B and 175B models are proprietary, so their presets are GPT-3-style shapes
+(the MiCS authors' experiment configs); the 100B and 175B models are proprietary, so their presets are GPT-3-style shapes
 and their ``note`` says so. "tiny" and "small" are ours, sized for CPU tests and laptop runs.
 
 Two families map onto two Hugging Face architectures:
@@ -88,7 +88,7 @@ def _small_divisors(n: int, limit: int = 128) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-_PAPER_TABLE = "PAPER.md table (authors' public experiment configs)"
+_PAPER_TABLE = "the MiCS authors' public experiment configs"
 _GPT3_STYLE = "proprietary in the paper; GPT-3-style shape assumed, micro_batch assumed"
 
 _PRESET_LIST: tuple[ModelPreset, ...] = (
