@@ -14,7 +14,8 @@ that namespace's loopback: intra-node traffic never crosses eth0, so eth0's tx_b
 `measure_all_gather` runs one flat or hierarchical all-gather over nodes x ranks_per_node gloo workers (this
 module run as `python -m mics_hf.emulate worker ...`) and reads every node's eth0 counters around it. The
 workers follow a line protocol on stdin/stdout: `READY <phase>` -> parent reads counters, answers `GO` ->
-`DONE <phase> <seconds>` -> parent reads counters again; finally `EXIT`.
+`DONE <phase> <seconds>` -> parent reads counters again and answers `NEXT` (no worker sends anything between
+DONE and NEXT, so the next phase's warm-up never lands in the counters of this one).
 """
 
 from __future__ import annotations
@@ -330,9 +331,10 @@ def measure_all_gather(
                     result.update(seconds=seconds, wall_seconds=wall, tx_bytes_per_node=tx, rx_bytes_per_node=rx)
                 else:
                     result.update(send_overhead=tx[0] / payload, send_tx_bytes_per_node=tx)
-            for p in procs:
-                p.stdin.write("EXIT\n")
-                p.stdin.flush()
+                # Only now may the workers go on (the next phase's warm-up must not land in these counters).
+                for p in procs:
+                    p.stdin.write("NEXT\n")
+                    p.stdin.flush()
             for p in procs:
                 rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
                 if rc != 0:
@@ -409,12 +411,12 @@ def _worker(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             ops[phase]()
             say(f"DONE {phase} {time.perf_counter() - t0:.6f}")
+            wait_for("NEXT")
         if "gather" in args.phases.split(","):
             expected = sorted(set(range(world)))
             got = sorted(set(output.view(world, -1)[:, 0].long().tolist()))
             if got != expected:
                 raise SystemExit(f"rank {rank}: gathered shards {got}, expected {expected}")
-        wait_for("EXIT")
     finally:
         dist.destroy_process_group()
 
