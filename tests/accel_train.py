@@ -60,7 +60,8 @@ def main() -> None:
     state = acc.get_state_dict(model)
     # gather_for_metrics works as usual: every rank's loss of the last micro-batch, in rank order
     gathered = acc.gather_for_metrics(loss.detach().reshape(1))
-    acc.save_model(model, args.out + "_saved")  # full weights in safetensors, written by the main process
+    if acc.mics_enabled:  # full weights in safetensors, written by the main process (checked for the MiCS run)
+        acc.save_model(model, args.out + "_saved")
     report = {
         "mics": acc.mics_enabled and mics_hf.is_sharded(model),
         "hop2": mics_hf.stats.num_hop2(model) if mics_hf.is_sharded(model) else None,

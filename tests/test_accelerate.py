@@ -35,7 +35,11 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _launch(config: Path, out: Path, *args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(config), str(ROOT / "tests" / "accel_train.py"), "--out", str(out), *args]
+    from distributed import free_port
+
+    # an explicit free port: a leftover job on Accelerate's default 29500 must not capture this launch
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
+           str(ROOT / "tests" / "accel_train.py"), "--out", str(out), *args]
     return subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=timeout, cwd=str(out.parent))
 
 

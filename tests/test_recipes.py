@@ -31,7 +31,11 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def _accelerate(tmp: Path, recipe: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(CPU_YAML), str(ROOT / "recipes" / recipe), *args]
+    sys.path.insert(0, str(ROOT / "tests"))
+    from distributed import free_port
+
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(CPU_YAML), "--main_process_port", str(free_port()),
+           str(ROOT / "recipes" / recipe), *args]
     result = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True, timeout=timeout, cwd=str(tmp))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
