@@ -37,7 +37,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -58,12 +57,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as torch_mp  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import mics_hf  # noqa: E402
-from bench_common import command_line, machine_info  # noqa: E402
+from bench_common import command_line, fork_ranks, machine_info  # noqa: E402
 from mics_hf.checkpoint import METADATA, _writer_of  # noqa: E402  (which rank writes which shard file)
 from mics_hf.shard import get_state  # noqa: E402  (the ShardedParams, for the checksums and the optimizer gather)
 from mics_hf.state_dict import gather_full_param  # noqa: E402
@@ -391,26 +389,6 @@ def rank_main(rank: int, opts: Options, port: int, results_path: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(opts: Options) -> tuple[dict[str, Any], str | None]:
-    """Fork the ranks (fork: torch and transformers are already imported), return rank 0's results."""
-    results_path = os.path.join(opts.tmp_root, "results.json")
-    launch_error = None
-    try:
-        torch_mp.start_processes(
-            rank_main, args=(opts, free_port(), results_path), nprocs=opts.nproc, join=True, start_method="fork"
-        )
-    except Exception as exc:
-        launch_error = f"{type(exc).__name__}: {exc}"
-    results = json.loads(Path(results_path).read_text()) if os.path.exists(results_path) else {}
-    return results, launch_error
-
-
 def summarise(opts: Options, results: dict[str, Any]) -> dict[str, Any]:
     saves = {int(p): s for p, s in (results.get("saves") or {}).items()}
     loads = results.get("loads") or []
@@ -617,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = dataclasses.replace(opts, tmp_root=tmp)
     start = time.perf_counter()
     try:
-        results, launch_error = launch(opts)
+        results, launch_error = fork_ranks(rank_main, opts, opts.nproc, os.path.join(tmp, "results.json"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # also on error and Ctrl-C
     wall_s = time.perf_counter() - start

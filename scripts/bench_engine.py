@@ -34,7 +34,6 @@ import datetime
 import gc
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -55,7 +54,6 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as torch_mp  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
@@ -64,7 +62,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block  # noqa: E402
 
 import mics_hf  # noqa: E402
-from bench_common import command_line, machine_info  # noqa: E402
+from bench_common import command_line, fork_ranks, machine_info  # noqa: E402
 
 HSDP_KEY = "fsdp2_hsdp"
 DDP_KEY = "ddp"
@@ -426,29 +424,10 @@ def rank_main(rank: int, opts: Options, port: int, results_path: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(opts: Options) -> tuple[dict[str, Any], str | None]:
-    """Fork the ranks, wait for them, return rank 0's results and the launcher's error (None if all exited 0).
-
-    fork, not spawn: the parent has already imported torch and transformers, which each spawned rank would pay
-    again (~4 s per process on this machine).
-    """
+    """Fork the ranks with a scratch directory for their results; see bench_common.fork_ranks."""
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
-        results_path = os.path.join(tmp, "results.json")
-        launch_error = None
-        try:
-            torch_mp.start_processes(
-                rank_main, args=(opts, free_port(), results_path), nprocs=opts.nproc, join=True, start_method="fork"
-            )
-        except Exception as exc:  # a rank died outside an engine: report it with whatever finished before
-            launch_error = f"{type(exc).__name__}: {exc}"
-        results = json.loads(Path(results_path).read_text()) if os.path.exists(results_path) else {}
-    return results, launch_error
+        return fork_ranks(rank_main, opts, opts.nproc, os.path.join(tmp, "results.json"))
 
 
 def summarise(opts: Options, results: dict[str, Any]) -> dict[str, Any]:
