@@ -19,28 +19,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common.cli import build_parser, output_paths, resolve_preset  # noqa: E402
 from common.data import mask_tokens, synthetic_batch  # noqa: E402
 from common.loop import Recipe, train  # noqa: E402
-from common.run import build_model, dry_run, evaluate_mlm, make_accelerator, make_data, make_optimizer  # noqa: E402
+from common.run import build_model, evaluate_mlm, make_optimizer, setup  # noqa: E402
 
 FAMILY = "bert"
 
 
 def main() -> None:
-    args = build_parser(FAMILY, __doc__.split("\n\n")[0]).parse_args()
-    if args.preset in ("tiny", "small"):
-        args.preset += "-bert"  # the CPU presets have a BERT twin with BERT's vocabulary layout
-    preset = resolve_preset(args, FAMILY)
-    if args.dry_run:
-        return dry_run(preset, args.partition_size_for_report)
-    paths = output_paths(args)
-
-    # 1. The accelerator (MiCS from the config file), then text -> tokenizer -> packed blocks for this rank.
-    accelerator = make_accelerator(args, paths)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    # 1. Arguments, the accelerator (MiCS from the config file), then text -> tokenizer -> packed blocks for this rank.
+    run = setup(FAMILY, __doc__.split("\n\n")[0])
+    if run is None:  # --dry_run printed the model's size
+        return
+    args, paths, accelerator, data = run.args, run.paths, run.accelerator, run.data
     rank = accelerator.process_index
-    data = make_data(accelerator, args, paths, preset, FAMILY)
     preset, tokenizer, blocks = data.preset, data.tokenizer, data.blocks
 
     # 2. One micro-batch for (step, micro-step).

@@ -1,4 +1,5 @@
-"""The pieces of a recipe that are the same for BERT and GPT: optimizer, trackers, evaluation, dry runs."""
+"""The pieces of a recipe that are the same for BERT and GPT: setup (arguments, accelerator, data), optimizer,
+trackers, evaluation, dry runs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from mics_hf.flops import model_state_bytes_per_rank
 from mics_hf.presets import ModelPreset, count_parameters
 
+from .cli import build_parser, output_paths, resolve_preset, split_stream
 from .data import PackedBlocks, mask_tokens
 
 METRICS_DIR = Path(__file__).resolve().parents[1] / "metrics"
@@ -43,7 +45,6 @@ class Data:
 
 def make_data(accelerator: Any, args: argparse.Namespace, paths: dict[str, Path], preset: ModelPreset, family: str) -> Data:
     """Text stream -> tokenizer (rank 0 trains it first, the others read its cache) -> blocks of `seq` tokens."""
-    from .cli import split_stream
     from .data import get_tokenizer, text_stream
 
     if args.synthetic:
@@ -58,6 +59,36 @@ def make_data(accelerator: Any, args: argparse.Namespace, paths: dict[str, Path]
     blocks = PackedBlocks(train_texts, tokenizer, seq_len=preset.seq, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, family=family)
     return Data(preset, tokenizer, blocks, split_stream(texts, args.eval_every_nth_document, held_out=True))
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a recipe starts from: its arguments, output paths, accelerator and this rank's data."""
+
+    args: argparse.Namespace
+    paths: dict[str, Path]
+    accelerator: Any
+    data: Data  # data.preset is the resolved preset, its `vocab` set to the tokenizer's size
+
+
+def setup(family: str, description: str) -> Setup | None:
+    """Parse the command line, resolve the preset, build the accelerator and this rank's data.
+
+    Returns None after --dry_run, which sizes the model without allocating it (and without an accelerator).
+    """
+    args = build_parser(family, description).parse_args()
+    if family == "bert" and args.preset in ("tiny", "small"):
+        args.preset += "-bert"  # the CPU presets have a BERT twin with BERT's vocabulary layout
+    preset = resolve_preset(args, family)
+    if args.dry_run:
+        dry_run(preset, args.partition_size_for_report)
+        return None
+    paths = output_paths(args)
+    accelerator = make_accelerator(args, paths)
+    # Seeded after the accelerator exists and before data and model are built: the same initial weights on
+    # every rank.
+    torch.manual_seed(args.seed)
+    return Setup(args, paths, accelerator, make_data(accelerator, args, paths, preset, family))
 
 
 def build_model(accelerator: Any, preset: ModelPreset, args: argparse.Namespace) -> torch.nn.Module:
