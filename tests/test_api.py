@@ -70,3 +70,19 @@ def test_process_groups_inherit_the_world_timeout(pools):
     """A dead rank must fail collectives after the user's timeout (120 s in the test pool), not gloo's 30 min."""
     for timeouts in pools(4).run(_group_timeouts):
         assert timeouts == [120.0, 120.0]
+
+
+def test_default_units_are_the_transformer_layers_for_both_families():
+    """RobertaPreLayerNorm's _no_split_modules names attention and embeddings only; the default must still pick
+    whole layers, so no FFN weight ends up in the root unit (gathered for the whole step)."""
+    from mics_hf.presets import build_config, get_preset, model_class
+    from mics_hf.shard import get_state
+
+    for name, layer in (("tiny", "GPT2Block"), ("tiny-bert", "RobertaPreLayerNormLayer")):
+        preset = get_preset(name)
+        model = mics_hf.shard_model(model_class(preset)(build_config(preset)))
+        units = get_state(model).units
+        kinds = [type(module).__name__ for module, _ in units]
+        assert kinds[:-1] == [layer] * preset.layers, kinds
+        root = units[-1][1]
+        assert root.segment_numel < units[0][1].segment_numel, "the root holds more than one layer's parameters"

@@ -85,8 +85,9 @@ class MiCSConfig:
     hierarchical: "auto" uses the hierarchical all-gather / reduce-scatter when a partition group spans more
         than one node and k > 1; True forces it (an error if there is a single node); False forces flat.
     param_dtype / reduce_dtype: mixed precision (see MixedPrecisionPolicy).
-    units: module classes (or class names) gathered and freed together. None = the HF model's
-        `_no_split_modules` (its transformer blocks); the root module always keeps the remaining parameters.
+    units: module classes (or class names) gathered and freed together. None = the model's repeated layer
+        (the class of its longest nn.ModuleList of same-class modules: the transformer blocks), else the HF
+        model's `_no_split_modules`; the root module always keeps the remaining parameters.
     prefetch: start all-gathering the next unit while the current one computes (forward and backward).
     """
 

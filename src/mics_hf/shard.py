@@ -173,8 +173,7 @@ def _unit_modules(model: nn.Module, config: MiCSConfig) -> list[tuple[str, nn.Mo
     """The modules gathered as one unit each, in module order; the root is added by the caller."""
     wanted = config.units
     if wanted is None:
-        names = getattr(model, "_no_split_modules", None) or []
-        wanted = tuple(names)
+        wanted = _repeated_layer_class(model) or tuple(getattr(model, "_no_split_modules", None) or [])
     if not wanted:
         return []
     class_names = {w for w in wanted if isinstance(w, str)}
@@ -190,6 +189,21 @@ def _unit_modules(model: nn.Module, config: MiCSConfig) -> list[tuple[str, nn.Mo
             "the model (e.g. its transformer block class), or leave units=None"
         )
     return found
+
+
+def _repeated_layer_class(model: nn.Module) -> tuple[str, ...]:
+    """The class of the longest nn.ModuleList whose items all share one class: the transformer layers.
+
+    Preferred over `_no_split_modules`, which only lists what must stay on one device and can name sub-modules
+    (RobertaPreLayerNorm names its attention and embeddings: its FFN weights, two thirds of every layer, would
+    then sit in the root unit, gathered for the whole step).
+    """
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            if len({type(m) for m in module}) == 1 and any(True for _ in module[0].parameters()):
+                best = list(module)
+    return (type(best[0]).__name__,) if best else ()
 
 
 def _assign_parameters(model: nn.Module, unit_names: list[str]) -> dict[str, list[tuple[str, nn.Parameter, list[tuple[nn.Module, str]]]]]:
