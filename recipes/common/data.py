@@ -21,6 +21,7 @@ own blocks (simple and exact; tokenising costs far less than a training step of 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -94,15 +95,23 @@ def offline_corpus_files(max_bytes: int | None = None) -> list[Path]:
     return files
 
 
-def text_stream(
-    *,
-    dataset: str | None,
-    dataset_config: str | None,
-    train_file: str | None,
-    split: str = "train",
-    text_column: str = "text",
-    max_bytes: int | None,
-) -> Iterator[str]:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CorpusOptions:
+    """Which text to read: the keyword arguments of ``text_stream`` and ``corpus_identity``.
+
+    Declared once so that the two functions cannot drift apart: an option added to the stream is then part
+    of the identity's inputs too, and the tokenizer cache cannot mistake one corpus for another.
+    """
+
+    dataset: str | None
+    dataset_config: str | None
+    train_file: str | None
+    split: str = "train"
+    text_column: str = "text"
+    max_bytes: int | None
+
+
+def text_stream(**options: Any) -> Iterator[str]:
     """The training text, one document at a time, read lazily.
 
     - ``dataset``: a Hub dataset, streamed (nothing is downloaded up front); column ``text_column``.
@@ -112,19 +121,21 @@ def text_stream(
 
     ``max_bytes`` caps the UTF-8 bytes yielded (the last document is cut), so a recipe can train on a
     fixed slice of a large corpus. The source is opened now, so a missing file or an unreachable Hub
-    dataset is a ``ValueError`` at the call, not at the first ``next()``.
+    dataset is a ``ValueError`` at the call, not at the first ``next()``. ``options`` are the fields of
+    ``CorpusOptions``, by keyword.
     """
-    if dataset is not None and train_file is not None:
+    o = CorpusOptions(**options)
+    if o.dataset is not None and o.train_file is not None:
         raise ValueError(
-            f"both --dataset ({dataset!r}) and --train_file ({train_file!r}) were given; pass one of them"
+            f"both --dataset ({o.dataset!r}) and --train_file ({o.train_file!r}) were given; pass one of them"
         )
-    if dataset is not None:
-        documents = _hub_documents(dataset, dataset_config, split, text_column)
-    elif train_file is not None:
-        documents = _file_documents(train_file, text_column)
+    if o.dataset is not None:
+        documents = _hub_documents(o.dataset, o.dataset_config, o.split, o.text_column)
+    elif o.train_file is not None:
+        documents = _file_documents(o.train_file, o.text_column)
     else:
-        documents = _offline_documents(max_bytes)
-    return _cap_bytes(documents, max_bytes)
+        documents = _offline_documents(o.max_bytes)
+    return _cap_bytes(documents, o.max_bytes)
 
 
 def _hub_documents(dataset: str, config: str | None, split: str, text_column: str) -> Iterator[str]:
@@ -193,32 +204,26 @@ def _cap_bytes(documents: Iterator[str], max_bytes: int | None) -> Iterator[str]
         yield text
 
 
-def corpus_identity(
-    *,
-    dataset: str | None,
-    dataset_config: str | None,
-    train_file: str | None,
-    split: str = "train",
-    text_column: str = "text",
-    max_bytes: int | None,
-) -> str:
+def corpus_identity(**options: Any) -> str:
     """A short string naming the corpus ``text_stream`` would read with the same arguments.
 
     Pass it to ``get_tokenizer(corpus_id=...)`` to find a cached tokenizer without reading any text (for a
     Hub dataset that saves streaming megabytes on every start). A local file is named by its path, size and
-    modification time, the offline corpus by the Python version and its file list.
+    modification time, the offline corpus by the Python version and its file list. ``options`` are the fields
+    of ``CorpusOptions``, by keyword.
     """
-    if dataset is not None:
-        return f"hub:{dataset}:{dataset_config}:{split}:{text_column}:{max_bytes}"
-    if train_file is not None:
-        path = Path(train_file).resolve()
+    o = CorpusOptions(**options)
+    if o.dataset is not None:
+        return f"hub:{o.dataset}:{o.dataset_config}:{o.split}:{o.text_column}:{o.max_bytes}"
+    if o.train_file is not None:
+        path = Path(o.train_file).resolve()
         stat = path.stat() if path.is_file() else None
         size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (None, None)
-        return f"file:{path}:{size}:{mtime}:{text_column}:{max_bytes}"
+        return f"file:{path}:{size}:{mtime}:{o.text_column}:{o.max_bytes}"
     root = Path(sysconfig.get_paths()["stdlib"])
-    listing = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in offline_corpus_files(max_bytes)]
+    listing = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in offline_corpus_files(o.max_bytes)]
     digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
-    return f"stdlib:{sys.version_info.major}.{sys.version_info.minor}:{digest}:{max_bytes}"
+    return f"stdlib:{sys.version_info.major}.{sys.version_info.minor}:{digest}:{o.max_bytes}"
 
 
 # ----------------------------------------------------------------------------------------------------------
