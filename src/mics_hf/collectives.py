@@ -141,6 +141,21 @@ class Work:
         self._later.append(launch)
         return self
 
+    def advance(self) -> None:
+        """Start the next deferred stage now (waiting for the stages before it), without waiting for it.
+
+        The engine calls this at the next hook, a point every rank reaches in the same order, so the stage's
+        collective is issued in the same order on every rank; it then overlaps the compute that follows
+        instead of waiting for `wait()`.
+        """
+        if not self._later or self.done:
+            return
+        t0 = time.perf_counter()
+        self._wait_pending()
+        self.start(self._later.pop(0))
+        if self._stats is not None:
+            self._stats.wait_seconds[self._op] += time.perf_counter() - t0
+
     def _wait_pending(self) -> None:
         try:
             for handle in self._pending:

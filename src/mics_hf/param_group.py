@@ -301,6 +301,11 @@ class ParamGroup:
                 self._reduce_work = C.reduce_scatter(out, full, self.groups.partition, stats=self.stats, label=self.label)
         self._reduce_out = out
 
+    def advance_reduce(self) -> None:
+        """Launch the next stage of a hierarchical reduce-scatter in flight (CPU defers it; see Work.advance)."""
+        if self._reduce_work is not None:
+            self._reduce_work.advance()
+
     def wait_reduce(self) -> None:
         """Finish hop 1 and add the result, divided once by the world size, to the fp32 shard gradients."""
         if self._reduce_work is None:

@@ -167,8 +167,7 @@ class MiCSState:
         def grad_ready(param: torch.Tensor) -> None:
             group.num_grads_ready += 1
             if group.num_grads_ready == group.num_grad_params:
-                if self.sync_gradients:
-                    self._start_hop2_of_reduced()
+                self._progress_reductions()
                 group.reduce_grads()
                 if group is not self.root_group:
                     group.reshard()
@@ -176,13 +175,21 @@ class MiCSState:
 
         return grad_ready
 
-    def _start_hop2_of_reduced(self) -> None:
-        """Overlap hop 2 with the rest of backward: once a unit's hop 1 is done, start its replica all-reduce.
+    def _progress_reductions(self) -> None:
+        """Keep the reductions in flight moving; called when a unit's gradients are ready, before its own.
 
-        Called when the next unit's gradients are ready, by which time the previous reduce-scatter has
-        usually finished, so the wait is short and the all-reduce runs while earlier layers compute.
+        Every rank reaches this in the same unit order, so whatever it launches is issued in the same order
+        everywhere. First, the deferred inter-node stage of hierarchical reduce-scatters (CPU only, see
+        Work.advance) starts now, to cross the links while the next units compute. Then, on a synchronising
+        micro-step with replicas, hop 2 starts for every unit but the most recent one: their reduce-scatters
+        were issued at least one unit of compute ago, so waiting for them is short, and the all-reduce overlaps
+        the rest of backward. With one replica (ZeRO-3, a world of one) there is no hop 2 to start.
         """
-        while self._hop1_started:
+        for g in self._hop1_started:
+            g.advance_reduce()
+        if not (self.sync_gradients and self.topology.replication_size > 1):
+            return
+        while len(self._hop1_started) > 1:
             g = self._hop1_started.pop(0)
             g.wait_reduce()
             g.all_reduce_grads()
