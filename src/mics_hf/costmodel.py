@@ -69,7 +69,7 @@ __all__ = [
     "MEMORY_RESERVE_FRACTION", "NET_STEP_LATENCY_S", "NVLINK_STEP_LATENCY_S", "STRATEGIES", "Cluster",
     "CommBreakdown", "MemoryEstimate", "PlanResult", "Prediction", "WeakScaling", "all_gather_time",
     "all_reduce_time", "format_plan", "inter_node_volume_factor", "memory_per_rank", "plan", "predict",
-    "valid_partition_sizes", "weak_scaling",
+    "unit_parameters", "valid_partition_sizes", "weak_scaling",
 ]
 
 Strategy = Literal["mics", "zero3", "hsdp"]
@@ -94,8 +94,13 @@ PARAM_BYTES = 2  # parameters are gathered in the 2-byte compute dtype (fp16 on 
 class Cluster:
     """One AWS instance type as the model sees it: k GPUs joined by NVLink, nodes joined by EFA.
 
-    Bandwidths are bytes/s in one direction at line rate (the efficiency constants apply on top): intra-node
+    Bandwidths are bytes/s in one direction at line rate (the efficiency fields apply on top): intra-node
     per GPU, inter-node per node (all its NICs together). Latencies are per ring step.
+
+    The last five fields default to the module constants (NCCL on AWS) and exist so that a cluster with another
+    transport can be described, e.g. ``mics_hf.emulate_scale``'s emulated cluster (gloo over shaped links):
+    ``reduce_scatter_volume`` is the bytes a reduce-scatter moves relative to the ring ideal (1 for NCCL; 2 for
+    gloo, whose reduce-scatter is an all-reduce, see ENVIRONMENT notes in the README).
     """
 
     name: str
@@ -108,6 +113,11 @@ class Cluster:
     intra_node_latency_s: float
     inter_node_bandwidth: float
     inter_node_latency_s: float
+    compute_efficiency: float = COMPUTE_EFFICIENCY
+    inter_node_efficiency: float = INTER_NODE_EFFICIENCY
+    intra_node_efficiency: float = INTRA_NODE_EFFICIENCY
+    base_latency_s: float = BASE_LATENCY_S
+    reduce_scatter_volume: float = 1.0
 
 
 _CLUSTER_LIST: tuple[Cluster, ...] = (
@@ -213,6 +223,12 @@ def _shape(preset: ModelPreset) -> _Shape:
     return _Shape(preset, unit_params=two - one, root_params=one - (two - one))
 
 
+def unit_parameters(model: str | ModelPreset) -> tuple[int, int]:
+    """(parameters of one transformer layer, parameters of the root unit) of a preset, as the model counts them."""
+    shape = _shape(_resolve_preset(model, None))
+    return shape.unit_params, shape.root_params
+
+
 # ---- collective primitives ------------------------------------------------------------------------------------
 def inter_node_volume_factor(p: int, gpus_per_node: int, *, hierarchical: bool) -> float:
     """Fraction of an all-gathered message that crosses each node's NIC: (p-1)/p flat, (p-k)/p hierarchical."""
@@ -226,8 +242,8 @@ def _intra_ring(message_bytes: float, ranks: int, c: Cluster) -> float:
     """Ring all-gather / reduce-scatter of ``message_bytes`` among ``ranks`` GPUs of one node."""
     if ranks <= 1:
         return 0.0
-    bandwidth = c.intra_node_bandwidth * INTRA_NODE_EFFICIENCY
-    return BASE_LATENCY_S + (ranks - 1) * c.intra_node_latency_s + (ranks - 1) / ranks * message_bytes / bandwidth
+    bandwidth = c.intra_node_bandwidth * c.intra_node_efficiency
+    return c.base_latency_s + (ranks - 1) * c.intra_node_latency_s + (ranks - 1) / ranks * message_bytes / bandwidth
 
 
 def all_gather_time(message_bytes: float, p: int, cluster: str | Cluster, *, hierarchical: bool = False) -> float:
@@ -244,14 +260,14 @@ def all_gather_time(message_bytes: float, p: int, cluster: str | Cluster, *, hie
         return _intra_ring(message_bytes, p, c)
     if p % k != 0:
         raise ValueError(f"p={p} spans nodes but is not a multiple of gpus_per_node={k}; use a multiple of {k}")
-    nic = c.inter_node_bandwidth * INTER_NODE_EFFICIENCY
+    nic = c.inter_node_bandwidth * c.inter_node_efficiency
     factor = inter_node_volume_factor(p, k, hierarchical=hierarchical)
     if not hierarchical:
-        nvlink = c.intra_node_bandwidth * INTRA_NODE_EFFICIENCY
+        nvlink = c.intra_node_bandwidth * c.intra_node_efficiency
         transfer = max(factor * message_bytes / nic, (p - 1) / p * message_bytes / nvlink)
-        return BASE_LATENCY_S + (p - 1) * c.inter_node_latency_s + transfer
+        return c.base_latency_s + (p - 1) * c.inter_node_latency_s + transfer
     m = p // k
-    inter = BASE_LATENCY_S + (m - 1) * c.inter_node_latency_s + factor * message_bytes / nic
+    inter = c.base_latency_s + (m - 1) * c.inter_node_latency_s + factor * message_bytes / nic
     return inter + _intra_ring(message_bytes, k, c)
 
 
@@ -266,11 +282,11 @@ def all_reduce_time(bytes_per_rank: float, r: int, groups_per_node: int, cluster
         return 0.0
     c = _get_cluster(cluster)
     volume = 2 * (r - 1) / r * bytes_per_rank
-    nvlink = volume / (c.intra_node_bandwidth * INTRA_NODE_EFFICIENCY)
+    nvlink = volume / (c.intra_node_bandwidth * c.intra_node_efficiency)
     if not spans_nodes:
-        return BASE_LATENCY_S + 2 * (r - 1) * c.intra_node_latency_s + nvlink
-    nic = groups_per_node * volume / (c.inter_node_bandwidth * INTER_NODE_EFFICIENCY)
-    return BASE_LATENCY_S + 2 * (r - 1) * c.inter_node_latency_s + max(nic, nvlink)
+        return c.base_latency_s + 2 * (r - 1) * c.intra_node_latency_s + nvlink
+    nic = groups_per_node * volume / (c.inter_node_bandwidth * c.inter_node_efficiency)
+    return c.base_latency_s + 2 * (r - 1) * c.inter_node_latency_s + max(nic, nvlink)
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------
@@ -418,19 +434,21 @@ def _resolve_batch(micro_batch: int | Literal["max"] | None, shape: _Shape, c: C
 def predict(model: str | ModelPreset, cluster: str | Cluster, nodes: int, *, strategy: Strategy = "mics",
             partition_size: int | None = None, micro_batch: int | Literal["max"] | None = None,
             grad_accum: int = 1, seq: int | None = None, reduce_bytes: int = 2,
-            hop2_bytes: int = 2) -> Prediction:
+            hop2_bytes: int = 2, hierarchical_reduce: bool = False, param_bytes: int = PARAM_BYTES) -> Prediction:
     """Predict one optimizer step of ``model`` on ``nodes`` instances of ``cluster`` under ``strategy``.
 
     partition_size: MiCS / HSDP partition group (default: the smallest that fits, as ``plan`` picks); ZeRO-3
     always uses N. micro_batch: samples per GPU per micro-step (default the preset's; "max": the largest that
-    fits at that p). grad_accum: micro-steps per optimizer step. A configuration that does not fit in memory is
-    still predicted; check ``.fits``.
+    fits at that p). grad_accum: micro-steps per optimizer step. hierarchical_reduce: MiCS's gradient
+    reduce-scatter is hierarchical too when its all-gather is (mics_hf does this; the paper's system did not,
+    hence the default False). param_bytes: bytes per gathered parameter (2: fp16/bf16; the emulation gathers
+    fp32). A configuration that does not fit in memory is still predicted; check ``.fits``.
     """
     _check_strategy(strategy)
     c = _get_cluster(cluster)
     nodes = _require_int("nodes", nodes)
     grad_accum = _require_int("grad_accum", grad_accum)
-    for name, value in (("reduce_bytes", reduce_bytes), ("hop2_bytes", hop2_bytes)):
+    for name, value in (("reduce_bytes", reduce_bytes), ("hop2_bytes", hop2_bytes), ("param_bytes", param_bytes)):
         if value not in (2, 4):
             raise ValueError(f"{name}={value!r}: use 2 (fp16/bf16) or 4 (fp32)")
     shape = _shape(_resolve_preset(model, seq))
@@ -440,16 +458,17 @@ def predict(model: str | ModelPreset, cluster: str | Cluster, nodes: int, *, str
     r = n // p
     hierarchical = strategy == "mics" and p > k
 
-    speed = COMPUTE_EFFICIENCY * c.peak_tflops * 1e12
+    speed = c.compute_efficiency * c.peak_tflops * 1e12
     tokens = b * m.seq
     c_f, c_b = 2 * shape.unit_params * tokens / speed, 6 * shape.unit_params * tokens / speed
     root_f, root_b = 2 * shape.root_params * tokens / speed, 6 * shape.root_params * tokens / speed
 
     def gather(params: int) -> float:
-        return all_gather_time(params * PARAM_BYTES, p, c, hierarchical=hierarchical)
+        return all_gather_time(params * param_bytes, p, c, hierarchical=hierarchical)
 
     def reduce(params: int) -> float:
-        return all_gather_time(params * reduce_bytes, p, c, hierarchical=False)
+        flat = not (hierarchical and hierarchical_reduce)
+        return c.reduce_scatter_volume * all_gather_time(params * reduce_bytes, p, c, hierarchical=not flat)
 
     def hop2(params: int) -> float:
         return all_reduce_time(params * hop2_bytes / p, r, min(p, k), c, spans_nodes=n > k)
