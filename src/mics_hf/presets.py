@@ -29,7 +29,7 @@ from transformers import (
     RobertaPreLayerNormForMaskedLM,
 )
 
-__all__ = ["PRESETS", "ModelPreset", "build_config", "count_parameters", "get_preset", "model_class"]
+__all__ = ["PRESETS", "ModelPreset", "build_config", "count_parameters", "get_preset", "model_class", "unit_class_name"]
 
 FAMILIES: tuple[str, ...] = ("bert", "gpt")
 
@@ -193,3 +193,14 @@ def count_parameters(preset: ModelPreset) -> int:
         model = model_class(preset)(build_config(preset))
     # parameters() yields a shared (tied) Parameter once.
     return sum(param.numel() for param in model.parameters())
+
+
+# The transformer layer of each family: the module MiCS gathers as one unit. RobertaPreLayerNorm's
+# _no_split_modules names its attention and embedding modules, not the layer, so relying on it would leave
+# every FFN weight in the root unit (gathered for the whole step).
+_UNIT_CLASS = {"gpt": "GPT2Block", "bert": "RobertaPreLayerNormLayer"}
+
+
+def unit_class_name(preset: ModelPreset) -> str:
+    """Class name of ``preset``'s transformer layer, for ``MiCSConfig(units=...)`` and FSDP2's fully_shard."""
+    return _UNIT_CLASS[preset.family]
