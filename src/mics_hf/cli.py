@@ -40,6 +40,49 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emulate(args: argparse.Namespace) -> int:
+    from .emulate import EmulationUnavailable, check_available
+
+    try:
+        check_available()  # before any work: not root, or no iproute2
+    except EmulationUnavailable as exc:
+        raise ValueError(f"{exc}; run `mics-hf emulate` as root on a Linux machine with iproute2") from exc
+    if args.what == "all-gather":
+        import json
+
+        from .emulate import measure_all_gather
+
+        for hierarchical in (False, True):
+            print(json.dumps(measure_all_gather(args.nodes[-1], args.ranks_per_node, args.megabytes, args.link_mbit,
+                                                hierarchical, calibrate=not hierarchical)))
+        return 0
+    from .emulate_scale import EmulationScale
+    from .emulate_sweep import check, format_table, sweep, write_report
+
+    scale = EmulationScale(instance=args.instance, model=args.model, hidden=args.hidden, layers=args.layers,
+                           heads=args.heads, micro_batch=args.micro_batch, link_mbit=args.link_mbit,
+                           ranks_per_node=args.ranks_per_node, grad_accum=args.grad_accum)
+    result = sweep(scale, args.nodes, warmup=args.warmup, steps=args.steps, strategies=args.strategies.split(","),
+                   measure_all_gathers=not args.no_all_gather)
+    print(format_table(result))
+    verdicts = check(result)
+    for name, ok, detail in verdicts:
+        print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
+    paths = write_report(result, args.output_dir, stem=args.stem)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0 if all(ok for _, ok, _ in verdicts) or not args.check else 1
+
+
+def _node_list(text: str) -> list[int]:
+    try:
+        nodes = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--nodes {text!r}: give node counts separated by commas, e.g. 1,2,4")
+    if not nodes or nodes[0] < 1:
+        raise argparse.ArgumentTypeError(f"--nodes {text!r}: node counts must be >= 1")
+    return nodes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mics-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +104,30 @@ def main(argv: list[str] | None = None) -> int:
     planner.add_argument("--grad-accum", type=int, default=1)
     planner.add_argument("--seq", type=int, default=None, help="default: the preset's sequence length")
     planner.set_defaults(func=_plan)
+    emulate = sub.add_parser(
+        "emulate", help="emulated cluster on this machine (root): weak-scaling sweep or one all-gather's link bytes",
+        description="Network namespaces as nodes, tbf-shaped links, compute slept by the scaling rule of "
+                    "mics_hf.emulate_scale; everything created is removed on exit.")
+    emulate.add_argument("what", choices=("weak-scaling", "all-gather"))
+    emulate.add_argument("--nodes", type=_node_list, default=[1, 2, 4], help="node counts, e.g. 1,2,4")
+    emulate.add_argument("--ranks-per-node", type=int, default=2)
+    emulate.add_argument("--instance", default="p3dn.24xlarge", help="the real instance whose ratio is kept")
+    emulate.add_argument("--model", default="bert-10b", help="the preset whose shape is reduced")
+    emulate.add_argument("--hidden", type=int, default=128)
+    emulate.add_argument("--layers", type=int, default=8)
+    emulate.add_argument("--heads", type=int, default=2)
+    emulate.add_argument("--micro-batch", type=int, default=None, help="default: the preset's")
+    emulate.add_argument("--link-mbit", type=float, default=100.0, help="tbf rate of each node's link")
+    emulate.add_argument("--grad-accum", type=int, default=8)
+    emulate.add_argument("--warmup", type=int, default=1)
+    emulate.add_argument("--steps", type=int, default=2)
+    emulate.add_argument("--strategies", default="mics,zero3,hsdp", help="which of mics,zero3,hsdp to run")
+    emulate.add_argument("--no-all-gather", action="store_true", help="skip the flat vs hierarchical byte check")
+    emulate.add_argument("--stem", default=None, help="file name stem of the report (default: dated)")
+    emulate.add_argument("--megabytes", type=float, default=16, help="all-gather: output size")
+    emulate.add_argument("--output-dir", default="benchmarks", help="where the JSON, PNG and table go")
+    emulate.add_argument("--check", action="store_true", help="exit 1 if a criterion of the sweep fails")
+    emulate.set_defaults(func=_emulate)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -34,7 +34,7 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["EmulatedCluster", "EmulationUnavailable", "measure_all_gather", "SUBNET"]
+__all__ = ["EmulatedCluster", "EmulationUnavailable", "PhaseWorker", "measure_all_gather", "run_phases", "SUBNET"]
 
 SUBNET = "10.77.0"
 _SRC_DIR = str(Path(__file__).resolve().parents[1])
@@ -270,6 +270,96 @@ def _expect(procs, prefix: str, deadline: float) -> list[str]:
     return lines
 
 
+def run_phases(cluster: EmulatedCluster, argvs: Sequence[Sequence[str]], ranks_per_node: int,
+               phases: Sequence[str], *, timeout: float, port: int = 29500) -> dict[str, dict]:
+    """Start rank r's worker (argvs[r]) on node r // ranks_per_node and drive the phase protocol (module note).
+
+    Returns, per phase: "done" (the text after `DONE <phase> ` of every rank, in rank order), "tx" / "rx"
+    (bytes on each node's eth0 during the phase) and "wall" (seconds from GO to the last DONE). A worker
+    that dies, or a run longer than ``timeout``, raises RuntimeError; every worker is gone on return.
+    """
+    world = len(argvs)
+    procs = [
+        cluster.run(rank // ranks_per_node, list(argv), env=_worker_env(rank, world, port),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for rank, argv in enumerate(argvs)
+    ]
+    timer = threading.Timer(timeout, lambda: [p.kill() for p in procs if p.poll() is None])
+    timer.start()
+    deadline = time.monotonic() + timeout
+    results: dict[str, dict] = {}
+    try:
+        for phase in phases:
+            _expect(procs, f"READY {phase}", deadline)
+            tx0 = [cluster.tx_bytes(n) for n in range(cluster.nodes)]
+            rx0 = [cluster.rx_bytes(n) for n in range(cluster.nodes)]
+            t0 = time.perf_counter()
+            for p in procs:
+                p.stdin.write("GO\n")
+                p.stdin.flush()
+            done = _expect(procs, f"DONE {phase}", deadline)
+            wall = time.perf_counter() - t0
+            time.sleep(0.05)  # trailing ACKs
+            results[phase] = {
+                "done": [line.split(" ", 2)[2] if line.count(" ") >= 2 else "" for line in done],
+                "tx": [cluster.tx_bytes(n) - tx0[n] for n in range(cluster.nodes)],
+                "rx": [cluster.rx_bytes(n) - rx0[n] for n in range(cluster.nodes)],
+                "wall": wall,
+            }
+            if os.environ.get("MICS_EMULATE_DEBUG"):
+                for n in range(cluster.nodes):
+                    for ns, dev in ((cluster.node_ns[n], "eth0"), (cluster.bridge_ns, f"v{n}")):
+                        print(subprocess.run(["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", dev],
+                                             capture_output=True, text=True).stdout, file=sys.stderr)
+            # Only now may the workers go on (the next phase's warm-up must not land in these counters).
+            for p in procs:
+                p.stdin.write("NEXT\n")
+                p.stdin.flush()
+        for p in procs:
+            rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            if rc != 0:
+                raise RuntimeError(f"a worker exited with {rc}")
+    finally:
+        timer.cancel()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            for stream in (p.stdin, p.stdout):
+                try:
+                    stream.close()
+                except Exception:
+                    pass
+    return results
+
+
+class PhaseWorker:
+    """The worker side of the phase protocol: `run(phase, fn)` warms up, reports READY, waits for GO, times fn."""
+
+    @staticmethod
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    @staticmethod
+    def wait_for(word: str) -> None:
+        while True:
+            line = sys.stdin.readline()
+            if not line:
+                raise SystemExit(f"parent went away while waiting for {word}")
+            if line.strip() == word:
+                return
+
+    def run(self, phase: str, fn, *, warmup=None, barrier=None) -> None:
+        """warmup() (default fn()), barrier(), READY; GO -> result = fn() -> `DONE <phase> <result>`; NEXT."""
+        (warmup or fn)()
+        if barrier is not None:
+            barrier()
+        self.say(f"READY {phase}")
+        self.wait_for("GO")
+        result = fn()
+        self.say(f"DONE {phase} {result}")
+        self.wait_for("NEXT")
+
+
 def measure_all_gather(
     nodes: int = 2,
     ranks_per_node: int = 2,
@@ -294,61 +384,19 @@ def measure_all_gather(
     payload = int(megabytes * 2**20)
     payload -= payload % (4 * world)
     phases = ["gather"] + (["send"] if calibrate else [])
+    argv = [sys.executable, "-m", "mics_hf.emulate", "worker", "--nodes", str(nodes),
+            "--ranks-per-node", str(ranks_per_node), "--bytes", str(payload),
+            "--phases", ",".join(phases)] + (["--hierarchical"] if hierarchical else [])
+    result: dict = {"payload_bytes": payload, "nodes": nodes, "ranks_per_node": ranks_per_node,
+                    "hierarchical": hierarchical, "rate_mbit": rate_mbit}
     with EmulatedCluster(nodes, rate_mbit, burst_kb, shape_ingress=shape_ingress) as cluster:
-        procs = []
-        for rank in range(world):
-            argv = [sys.executable, "-m", "mics_hf.emulate", "worker", "--nodes", str(nodes),
-                    "--ranks-per-node", str(ranks_per_node), "--bytes", str(payload),
-                    "--phases", ",".join(phases)] + (["--hierarchical"] if hierarchical else [])
-            procs.append(cluster.run(rank // ranks_per_node, argv, env=_worker_env(rank, world, 29500),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-        timer = threading.Timer(timeout, lambda: [p.kill() for p in procs if p.poll() is None])
-        timer.start()
-        deadline = time.monotonic() + timeout
-        result: dict = {"payload_bytes": payload, "nodes": nodes, "ranks_per_node": ranks_per_node,
-                        "hierarchical": hierarchical, "rate_mbit": rate_mbit}
-        try:
-            for phase in phases:
-                _expect(procs, f"READY {phase}", deadline)
-                tx0 = [cluster.tx_bytes(n) for n in range(nodes)]
-                rx0 = [cluster.rx_bytes(n) for n in range(nodes)]
-                t0 = time.perf_counter()
-                for p in procs:
-                    p.stdin.write("GO\n")
-                    p.stdin.flush()
-                done = _expect(procs, f"DONE {phase}", deadline)
-                wall = time.perf_counter() - t0
-                time.sleep(0.05)  # trailing ACKs
-                tx = [cluster.tx_bytes(n) - tx0[n] for n in range(nodes)]
-                rx = [cluster.rx_bytes(n) - rx0[n] for n in range(nodes)]
-                seconds = max(float(line.split()[2]) for line in done)
-                if os.environ.get("MICS_EMULATE_DEBUG"):
-                    for n in range(nodes):
-                        for ns, dev in ((cluster.node_ns[n], "eth0"), (cluster.bridge_ns, f"v{n}")):
-                            print(subprocess.run(["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", dev],
-                                                 capture_output=True, text=True).stdout, file=sys.stderr)
-                if phase == "gather":
-                    result.update(seconds=seconds, wall_seconds=wall, tx_bytes_per_node=tx, rx_bytes_per_node=rx)
-                else:
-                    result.update(send_overhead=tx[0] / payload, send_tx_bytes_per_node=tx)
-                # Only now may the workers go on (the next phase's warm-up must not land in these counters).
-                for p in procs:
-                    p.stdin.write("NEXT\n")
-                    p.stdin.flush()
-            for p in procs:
-                rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
-                if rc != 0:
-                    raise RuntimeError(f"a worker exited with {rc}")
-        finally:
-            timer.cancel()
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                for stream in (p.stdin, p.stdout):
-                    try:
-                        stream.close()
-                    except Exception:
-                        pass
+        phase_results = run_phases(cluster, [argv] * world, ranks_per_node, phases, timeout=timeout)
+    gather = phase_results["gather"]
+    result.update(seconds=max(float(d) for d in gather["done"]), wall_seconds=gather["wall"],
+                  tx_bytes_per_node=gather["tx"], rx_bytes_per_node=gather["rx"])
+    if calibrate:
+        result.update(send_overhead=phase_results["send"]["tx"][0] / payload,
+                      send_tx_bytes_per_node=phase_results["send"]["tx"])
     result["tx_fraction_per_node"] = [b / payload for b in result["tx_bytes_per_node"]]
     return result
 
@@ -359,17 +407,6 @@ def _worker(args: argparse.Namespace) -> None:
 
     from .collectives import Group, all_gather, hierarchical_all_gather
     from .topology import build_topology, create_process_groups, node_map_from_devices_per_node
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-
-    def wait_for(word: str) -> None:
-        while True:
-            line = sys.stdin.readline()
-            if not line:
-                raise SystemExit(f"parent went away while waiting for {word}")
-            if line.strip() == word:
-                return
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     k = args.ranks_per_node
@@ -403,15 +440,18 @@ def _worker(args: argparse.Namespace) -> None:
                 dist.recv(buf, src=0)
 
         ops = {"gather": gather, "send": send}
+
+        def timed(op):
+            def run() -> str:
+                t0 = time.perf_counter()
+                op()
+                return f"{time.perf_counter() - t0:.6f}"
+            return run
+
+        worker = PhaseWorker()
         for phase in args.phases.split(","):
-            ops[phase]()  # warm-up: connections, buffers
-            dist.barrier()
-            say(f"READY {phase}")
-            wait_for("GO")
-            t0 = time.perf_counter()
-            ops[phase]()
-            say(f"DONE {phase} {time.perf_counter() - t0:.6f}")
-            wait_for("NEXT")
+            # the untimed warm-up opens connections and allocates buffers
+            worker.run(phase, timed(ops[phase]), warmup=ops[phase], barrier=dist.barrier)
         if "gather" in args.phases.split(","):
             expected = sorted(set(range(world)))
             got = sorted(set(output.view(world, -1)[:, 0].long().tolist()))
