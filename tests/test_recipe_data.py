@@ -107,6 +107,14 @@ def test_missing_train_file_names_the_path(tmp_path: Path) -> None:
         data.text_stream(dataset=None, dataset_config=None, train_file=odd, max_bytes=None)
 
 
+def test_dataset_and_train_file_together_are_refused_by_stream_and_identity(tmp_path: Path) -> None:
+    corpus = write(tmp_path / "corpus.txt", "one document\n")
+    both = dict(dataset="wikitext", dataset_config=None, train_file=corpus, max_bytes=None)
+    for read in (data.text_stream, data.corpus_identity):
+        with pytest.raises(ValueError, match="both --dataset .* and --train_file .* pass one of them"):
+            read(**both)
+
+
 def test_hub_dataset_offline_says_what_to_do() -> None:
     with pytest.raises(ValueError, match="--train_file.*drop --dataset"):
         data.text_stream(dataset="wikitext", dataset_config="wikitext-2-raw-v1", train_file=None, max_bytes=None)

@@ -110,6 +110,14 @@ class CorpusOptions:
     text_column: str = "text"
     max_bytes: int | None
 
+    def __post_init__(self) -> None:
+        # Here rather than in text_stream, so corpus_identity refuses the ambiguity too instead of naming one.
+        if self.dataset is not None and self.train_file is not None:
+            raise ValueError(
+                f"both --dataset ({self.dataset!r}) and --train_file ({self.train_file!r}) were given; "
+                "pass one of them"
+            )
+
 
 def text_stream(**options: Any) -> Iterator[str]:
     """The training text, one document at a time, read lazily.
@@ -125,10 +133,6 @@ def text_stream(**options: Any) -> Iterator[str]:
     ``CorpusOptions``, by keyword.
     """
     o = CorpusOptions(**options)
-    if o.dataset is not None and o.train_file is not None:
-        raise ValueError(
-            f"both --dataset ({o.dataset!r}) and --train_file ({o.train_file!r}) were given; pass one of them"
-        )
     if o.dataset is not None:
         documents = _hub_documents(o.dataset, o.dataset_config, o.split, o.text_column)
     elif o.train_file is not None:
