@@ -155,3 +155,24 @@ def test_verdicts_follow_the_numbers(tmp_path):
     assert png.stat().st_size > 10_000
     json.dumps(result.to_json())
     assert dataclasses.is_dataclass(result.scale)
+
+
+def test_a_recorded_sweep_renders_again_with_the_same_verdicts(tmp_path):
+    from mics_hf.emulate_sweep import main as sweep_main
+    from mics_hf.emulate_sweep import write_report
+
+    result = _synthetic(_steps(mics4=10.5, zero3_4=21.5))
+    result.meta.update(command="mics-hf emulate weak-scaling", machine="test", python="3", torch="t",
+                       transformers="t")
+    result.all_gather[0].update(flat_tx_per_node=[1e6] * 4, hierarchical_tx_per_node=[0.84e6] * 4)
+    again = SweepResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert again.scale == result.scale and check(again) == check(result)
+    paths = write_report(result, tmp_path, stem="sweep")
+    second = write_report(result, tmp_path, stem="sweep")  # never overwrites a record
+    assert second["md"].name == "sweep_2.md" and paths["md"].exists()
+    text = paths["md"].read_text()
+    assert "| MiCS | 2 | 4 x 2 |" in text and "PASS: MiCS weak-scaling efficiency 1 -> 4 nodes >= 90%" in text
+    assert "](sweep.png)" in text
+    paths["md"].unlink()
+    sweep_main(["render", str(paths["json"])])
+    assert paths["md"].read_text() == text

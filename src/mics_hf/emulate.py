@@ -371,8 +371,12 @@ def measure_all_gather(
     burst_kb: int = 64,
     shape_ingress: bool = True,
     timeout: float = 120.0,
+    repeat: int = 1,
 ) -> dict:
     """One warm-up then one measured all-gather of a `megabytes` output buffer on an emulated cluster.
+
+    With repeat > 1 the measured phase runs the all-gather that many times and "seconds" is the median (link
+    bytes then cover all of them); for latency, where one call of a few milliseconds is noisy.
 
     Returns {"seconds": slowest rank's time for the measured call, "tx_bytes_per_node", "rx_bytes_per_node",
     "payload_bytes"}; with calibrate=True also "send_overhead": eth0 tx bytes of node 0 per payload byte of a
@@ -386,7 +390,7 @@ def measure_all_gather(
     phases = ["gather"] + (["send"] if calibrate else [])
     argv = [sys.executable, "-m", "mics_hf.emulate", "worker", "--nodes", str(nodes),
             "--ranks-per-node", str(ranks_per_node), "--bytes", str(payload),
-            "--phases", ",".join(phases)] + (["--hierarchical"] if hierarchical else [])
+            "--phases", ",".join(phases), "--repeat", str(repeat)] + (["--hierarchical"] if hierarchical else [])
     result: dict = {"payload_bytes": payload, "nodes": nodes, "ranks_per_node": ranks_per_node,
                     "hierarchical": hierarchical, "rate_mbit": rate_mbit}
     with EmulatedCluster(nodes, rate_mbit, burst_kb, shape_ingress=shape_ingress) as cluster:
@@ -443,9 +447,12 @@ def _worker(args: argparse.Namespace) -> None:
 
         def timed(op):
             def run() -> str:
-                t0 = time.perf_counter()
-                op()
-                return f"{time.perf_counter() - t0:.6f}"
+                times = []
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    op()
+                    times.append(time.perf_counter() - t0)
+                return f"{sorted(times)[len(times) // 2]:.6f}"
             return run
 
         worker = PhaseWorker()
@@ -470,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     w.add_argument("--bytes", type=int, required=True)
     w.add_argument("--phases", default="gather")
     w.add_argument("--hierarchical", action="store_true")
+    w.add_argument("--repeat", type=int, default=1)
     m = sub.add_parser("all-gather", help="measure one flat and one hierarchical all-gather")
     m.add_argument("--nodes", type=int, default=2)
     m.add_argument("--ranks-per-node", type=int, default=2)

@@ -55,8 +55,8 @@ class EmulationScale:
     (family, FFN ratio, seq, micro_batch) is kept. hidden/layers/heads: the reduced shape. link_mbit: the tbf
     rate of each emulated node's link. ranks_per_node: k of the emulated nodes. grad_accum: micro-steps per
     optimizer step. run_tokens: tokens actually run per micro-step (compute is slept for micro_batch x seq).
-    intra_node_bandwidth / latency_s: the measured loopback all-gather rate (bytes/s) and per-collective
-    latency of gloo here, used only to describe the machine to the cost model.
+    intra_node_bandwidth / latency_s: the measured loopback all-gather rate (bytes/s) and gloo's latency per
+    ring step here (``emulate_sweep.calibrate``), used only to describe the machine to the cost model.
     """
 
     instance: str = "p3dn.24xlarge"
@@ -70,7 +70,7 @@ class EmulationScale:
     grad_accum: int = 8
     run_tokens: int = 8
     intra_node_bandwidth: float = 1.0e9
-    latency_s: float = 1.0e-3
+    latency_s: float = 0.5e-3
 
     def __post_init__(self) -> None:
         _get_cluster(self.instance)  # unknown instance: ValueError naming the valid ones
@@ -165,11 +165,11 @@ class EmulationScale:
             gpu_memory_bytes=real.gpu_memory_bytes,
             intra_node_bandwidth=self.intra_node_bandwidth,
             intra_node_efficiency=1.0,
-            intra_node_latency_s=0.0,
+            intra_node_latency_s=self.latency_s,
             inter_node_bandwidth=self.link_mbit * 1e6 / 8,
             inter_node_efficiency=FRAME_EFFICIENCY,
-            inter_node_latency_s=0.0,
-            base_latency_s=self.latency_s,
+            inter_node_latency_s=self.latency_s,
+            base_latency_s=0.0,
             reduce_scatter_volume=GLOO_REDUCE_SCATTER_VOLUME,
         )
 

@@ -164,7 +164,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 times.append(time.perf_counter() - t0)
             stats_after = _comm_bytes(model, args.strategy)
             booked = {key: (stats_after[key] - stats_before.get(key, 0)) / args.steps for key in stats_after}
-            return json.dumps({"step_seconds": times, "loss": losses[-1], "booked_bytes_per_step": booked})
+            waits = _comm_waits(model, args.strategy)
+            return json.dumps({"step_seconds": times, "loss": losses[-1], "booked_bytes_per_step": booked,
+                               "wait_seconds_per_step": {op: v / (args.steps + args.warmup) for op, v in waits.items()}})
 
         def warmup() -> None:
             for _ in range(args.warmup):
@@ -182,6 +184,15 @@ def _comm_bytes(model: nn.Module, strategy: str) -> dict[str, int]:
     from .stats import comm_stats
 
     return {f"{op}/{link}": v for (op, link), v in comm_stats(model).bytes.items()}
+
+
+def _comm_waits(model: nn.Module, strategy: str) -> dict[str, float]:
+    """Seconds the compute thread waited for each kind of collective, warm-up included (MiCS engine only)."""
+    if strategy == "hsdp":
+        return {}
+    from .stats import comm_stats
+
+    return dict(comm_stats(model).wait_seconds)
 
 
 if __name__ == "__main__":

@@ -43,13 +43,18 @@ def _port(index: int) -> int:
     return 29600 + index % 300
 
 
-def calibrate(scale: EmulationScale, *, megabytes: float = 16, timeout: float = 300) -> EmulationScale:
-    """Measure loopback all-gather bandwidth (one node) and a small cross-node all-gather's time (latency)."""
+def calibrate(scale: EmulationScale, *, megabytes: float = 16, timeout: float = 300, repeat: int = 21
+              ) -> EmulationScale:
+    """Measure the loopback all-gather rate (one node) and gloo's latency per ring step.
+
+    The latency is the median of ``repeat`` 10 kB all-gathers over 2 nodes (2k ranks, so 2k - 1 ring steps),
+    divided by the steps: a single call of a few milliseconds varies by 3x on a loaded 2-core machine.
+    """
     k = scale.ranks_per_node
     local = measure_all_gather(1, k, megabytes, scale.link_mbit, timeout=timeout)
     bandwidth = (k - 1) / k * local["payload_bytes"] / local["seconds"]
-    small = measure_all_gather(2, k, 0.01, scale.link_mbit, timeout=timeout)
-    return dataclasses.replace(scale, intra_node_bandwidth=bandwidth, latency_s=small["seconds"])
+    small = measure_all_gather(2, k, 0.01, scale.link_mbit, timeout=timeout, repeat=repeat)
+    return dataclasses.replace(scale, intra_node_bandwidth=bandwidth, latency_s=small["seconds"] / (2 * k - 1))
 
 
 def run_config(cluster: EmulatedCluster, scale: EmulationScale, nodes: int, strategy: str, partition_size: int,
@@ -95,7 +100,23 @@ class SweepResult:
         return None
 
     def to_json(self) -> dict:
-        return {"meta": self.meta, "scale": self.scale.describe(), "runs": self.runs, "all_gather": self.all_gather}
+        fields = {f.name: getattr(self.scale, f.name) for f in dataclasses.fields(self.scale)}
+        return {"meta": self.meta, "scale": self.scale.describe(), "scale_fields": fields, "runs": self.runs,
+                "all_gather": self.all_gather}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SweepResult":
+        """Rebuild a recorded sweep (to re-render its table, criteria and plot without rerunning it)."""
+        fields = data.get("scale_fields")
+        if fields is None:  # records written before scale_fields existed: rebuild from the description
+            d = data["scale"]
+            model = d["emulated_model"]
+            fields = dict(instance=d["instance"], model=d["model"], hidden=model["hidden"], layers=model["layers"],
+                          heads=model["heads"], micro_batch=model["micro_batch"], link_mbit=d["link_mbit"],
+                          ranks_per_node=d["ranks_per_node"], grad_accum=d["grad_accum"],
+                          intra_node_bandwidth=d["intra_node_bandwidth"], latency_s=d["latency_s"])
+        return cls(scale=EmulationScale(**fields), runs=data["runs"], all_gather=data["all_gather"],
+                   meta=data["meta"])
 
 
 def plan_runs(nodes_list: Sequence[int], k: int, strategies: Sequence[str] = ("mics", "zero3", "hsdp")
@@ -139,7 +160,7 @@ def sweep(scale: EmulationScale, nodes_list: Sequence[int] = (1, 2, 4), *, warmu
     if calibrate_first:
         log("calibrating: loopback all-gather rate and cross-node latency ...")
         scale = calibrate(scale)
-        log(f"  intra-node {scale.intra_node_bandwidth / 1e6:.0f} MB/s, latency {scale.latency_s * 1e3:.2f} ms")
+        log(f"  intra-node {scale.intra_node_bandwidth / 1e6:.0f} MB/s, latency {scale.latency_s * 1e3:.2f} ms per ring step")
     runs = []
     with EmulatedCluster(max(nodes_list), scale.link_mbit) as cluster:
         for i, (n, strategy, p) in enumerate(planned):
@@ -181,7 +202,9 @@ def _meta() -> dict:
         "date": datetime.date.today().isoformat(),
         "machine": f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}",
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "command": " ".join(sys.argv),
+        # the console script's name, not the path it was run from (records must not name this machine's paths)
+        "command": " ".join(["mics-hf" if Path(sys.argv[0]).name in ("cli.py", "mics-hf") else Path(sys.argv[0]).name,
+                             *sys.argv[1:]]),
     }
 
 
@@ -279,14 +302,89 @@ def plot(result: SweepResult, path: str | Path) -> Path:
     return path
 
 
+def format_report(result: SweepResult, png_name: str) -> str:
+    """The markdown record: provenance, what was emulated and what measured, the table, the criteria, the plot."""
+    sc, d, m = result.scale, result.scale.describe(), result.meta
+    sleeps = d["sleep_seconds"]
+    verdicts = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}: {detail}" for name, ok, detail in check(result))
+    ag = "\n".join(
+        f"| {a['nodes']} x {sc.ranks_per_node} | {a['partition_size']} | {sum(a['flat_tx_per_node']) / len(a['flat_tx_per_node']) / 1e6:.2f} "
+        f"| {sum(a['hierarchical_tx_per_node']) / len(a['hierarchical_tx_per_node']) / 1e6:.2f} | {a['measured_ratio']:.3f} "
+        f"| {a['ideal_ratio']:.3f} |" for a in result.all_gather)
+    ag_table = ("\n\nOne 16 MiB all-gather, bytes on each node's link (mean over nodes):\n\n"
+                "| nodes x ranks | p | flat MB | hierarchical MB | measured ratio | (p-k)/(p-1) |\n"
+                "| --- | ---: | ---: | ---: | ---: | ---: |\n" + ag) if result.all_gather else ""
+    return f"""# Emulated weak scaling ({m['date']})
+
+- Command: `{m['command']}`
+- Machine: {m['machine']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}.
+- Emulated: {d['instance']} ({sc.ranks_per_node} ranks per emulated node instead of 8), {d['model']} shape at
+  hidden {sc.hidden}, {sc.layers} layers, vocabulary {sc.preset.vocab} ({sum(_param_split(sc)) / 1e6:.2f}M
+  parameters), {d['tokens_per_micro_step']} tokens per rank per micro-step ({sc.real_preset.micro_batch} x
+  {sc.real_preset.seq}), {sc.grad_accum} micro-steps per optimizer step. Links: tbf {sc.link_mbit:g} Mbit/s per node
+  ({d['link_goodput_bytes_per_s'] / 1e6:.2f} MB/s goodput) for the instance's {d['real_goodput_bytes_per_s'] / 1e9:.2f}
+  GB/s; time scale f = {d['time_scale']:.3g}; compute slept at {d['device_tflops'] * 1e3:.1f} GFLOP/s per rank:
+  {sleeps['layer_forward'] * 1e3:.1f} ms forward and {sleeps['layer_backward'] * 1e3:.1f} ms backward per layer per
+  micro-step ([Note: emulation scaling rule] in `mics_hf/emulate_scale.py`).
+- Measured: step times (slowest rank, median of the timed steps after warm-up), bytes on every node's eth0.
+  Calibrated for the cost model: loopback all-gather {sc.intra_node_bandwidth / 1e6:.0f} MB/s, gloo latency
+  {sc.latency_s * 1e3:.2f} ms per ring step (median of 21 small all-gathers over 2 nodes, per step).
+- Cost model: `mics_hf.costmodel.predict` on `EmulationScale.cost_model_cluster()` (the same rule, gloo's
+  reduce-scatter at twice the ring volume, fp32 on the wire); nothing fitted to these measurements.
+- TFLOPS/GPU: the emulated 8N FLOP rate divided by f, i.e. what the schedule reaches on the real instance
+  (compute alone: {sc.real_cluster.compute_efficiency * sc.real_cluster.peak_tflops:.0f}).
+
+{format_table(result)}{ag_table}
+
+Criteria:
+
+{verdicts}
+
+![emulated weak scaling]({png_name})
+"""
+
+
+def _param_split(scale: EmulationScale) -> tuple[int, int]:
+    unit, root = unit_parameters(scale.preset)
+    return scale.layers * unit, root
+
+
 def write_report(result: SweepResult, output_dir: str | Path, *, stem: str | None = None) -> dict[str, Path]:
-    """Write <stem>.json, <stem>.png and <stem>.md (table + verdicts) into output_dir; return their paths."""
+    """Write <stem>.json, <stem>.png and <stem>.md (provenance, table, criteria) into output_dir.
+
+    An existing file is never overwritten: the stem gets _2, _3, ... instead.
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = stem or f"emulated_weak_scaling_{result.meta['date']}"
+    base = stem or f"emulated_weak_scaling_{result.meta['date']}"
+    stem, n = base, 1
+    while any((out / f"{stem}.{ext}").exists() for ext in ("json", "png", "md")):
+        n += 1
+        stem = f"{base}_{n}"
     paths = {"json": out / f"{stem}.json", "png": out / f"{stem}.png", "md": out / f"{stem}.md"}
     paths["json"].write_text(json.dumps(result.to_json(), indent=1) + "\n")
     plot(result, paths["png"])
-    verdicts = "\n".join(f"- [{'x' if ok else ' '}] {name}: {detail}" for name, ok, detail in check(result))
-    paths["md"].write_text(f"{format_table(result)}\n\n{verdicts}\n")
+    paths["md"].write_text(format_report(result, paths["png"].name))
     return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m mics_hf.emulate_sweep render <record.json>`: rewrite the .md and .png beside a recorded sweep."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mics_hf.emulate_sweep")
+    parser.add_argument("command", choices=("render",))
+    parser.add_argument("record", help="a sweep's .json record")
+    args = parser.parse_args(argv)
+    path = Path(args.record)
+    result = SweepResult.from_json(json.loads(path.read_text()))
+    _annotate(result.scale, result.runs)  # recomputes predictions with the current cost model
+    plot(result, path.with_suffix(".png"))
+    path.with_suffix(".md").write_text(format_report(result, path.with_suffix(".png").name))
+    print(format_table(result))
+    for name, ok, detail in check(result):
+        print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
+
+
+if __name__ == "__main__":
+    main()
