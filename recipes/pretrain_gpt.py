@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.data import synthetic_batch  # noqa: E402
 from common.loop import Recipe, train  # noqa: E402
-from common.run import build_model, evaluate_perplexity, make_optimizer, setup  # noqa: E402
+from common.run import build_model, evaluate_perplexity, make_optimizer, setup, teardown  # noqa: E402
 
 FAMILY = "gpt"
 
@@ -55,8 +55,7 @@ def main() -> None:
     evaluate = None if tokenizer is None else (
         lambda: evaluate_perplexity(accelerator, model, tokenizer, data.eval_texts, preset, args))
     train(accelerator, model, optimizer, scheduler, Recipe(FAMILY, batch, evaluate, tokenizer), preset, args, paths, n_params)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    teardown(accelerator)
 
 
 if __name__ == "__main__":

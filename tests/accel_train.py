@@ -78,6 +78,7 @@ def main() -> None:
         Path(args.out + ".json").write_text(json.dumps(report))
     acc.end_training()
     if torch.distributed.is_initialized():
+        acc.wait_for_everyone()  # leave together: gloo torn down under a still-busy peer can abort at exit
         torch.distributed.destroy_process_group()
 
 
