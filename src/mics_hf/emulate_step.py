@@ -173,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 step()
 
         PhaseWorker().run("steps", timed, warmup=warmup, barrier=dist.barrier)
+        dist.barrier()  # leave together (see recipes.common.run.teardown)
     finally:
         dist.destroy_process_group()
 
