@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import mics_hf  # noqa: E402
+from bench_common import free_port  # noqa: E402  (this script's own folder is on sys.path)
 
 
 def _probe(device: torch.device) -> dict[str, str]:
@@ -80,9 +80,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check needs one")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     manager = mp.Manager()
     results = manager.dict()
     mp.spawn(_worker, args=(port, results), nprocs=2, join=True)

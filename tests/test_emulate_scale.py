@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -153,8 +152,7 @@ def test_verdicts_follow_the_numbers(tmp_path):
     assert table.count("\n") == 2 + len(result.runs) - 1 and "ZeRO-3" in table
     png = plot(result, tmp_path / "sweep.png")
     assert png.stat().st_size > 10_000
-    json.dumps(result.to_json())
-    assert dataclasses.is_dataclass(result.scale)
+    json.dumps(result.to_json())  # the record must be serialisable
 
 
 def test_a_recorded_sweep_renders_again_with_the_same_verdicts(tmp_path):

@@ -467,8 +467,8 @@ def predict(model: str | ModelPreset, cluster: str | Cluster, nodes: int, *, str
         return all_gather_time(params * param_bytes, p, c, hierarchical=hierarchical)
 
     def reduce(params: int) -> float:
-        flat = not (hierarchical and hierarchical_reduce)
-        return c.reduce_scatter_volume * all_gather_time(params * reduce_bytes, p, c, hierarchical=not flat)
+        return c.reduce_scatter_volume * all_gather_time(params * reduce_bytes, p, c,
+                                                         hierarchical=hierarchical and hierarchical_reduce)
 
     def hop2(params: int) -> float:
         return all_reduce_time(params * hop2_bytes / p, r, min(p, k), c, spans_nodes=n > k)

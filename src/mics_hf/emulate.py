@@ -251,19 +251,16 @@ def _worker_env(rank: int, world: int, port: int) -> dict:
     return env
 
 
-def _readline(proc: subprocess.Popen, deadline: float, what: str) -> str:
-    # Workers answer within seconds; a dead worker gives EOF. The overall deadline is enforced by a kill timer.
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"a worker exited (rc={proc.poll()}) while the parent waited for {what}")
-    return line.strip()
-
-
-def _expect(procs, prefix: str, deadline: float) -> list[str]:
+def _expect(procs, prefix: str) -> list[str]:
+    """Each worker's next line starting with `prefix`. A dead worker gives EOF; the run's deadline is a kill timer
+    (run_phases), which turns a hang into EOF here."""
     lines = []
     for proc in procs:
         while True:
-            line = _readline(proc, deadline, prefix)
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a worker exited (rc={proc.poll()}) while the parent waited for {prefix}")
+            line = line.strip()
             if line.startswith(prefix):
                 lines.append(line)
                 break
@@ -290,14 +287,14 @@ def run_phases(cluster: EmulatedCluster, argvs: Sequence[Sequence[str]], ranks_p
     results: dict[str, dict] = {}
     try:
         for phase in phases:
-            _expect(procs, f"READY {phase}", deadline)
+            _expect(procs, f"READY {phase}")
             tx0 = [cluster.tx_bytes(n) for n in range(cluster.nodes)]
             rx0 = [cluster.rx_bytes(n) for n in range(cluster.nodes)]
             t0 = time.perf_counter()
             for p in procs:
                 p.stdin.write("GO\n")
                 p.stdin.flush()
-            done = _expect(procs, f"DONE {phase}", deadline)
+            done = _expect(procs, f"DONE {phase}")
             wall = time.perf_counter() - t0
             time.sleep(0.05)  # trailing ACKs
             results[phase] = {

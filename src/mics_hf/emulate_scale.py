@@ -135,6 +135,12 @@ class EmulationScale:
             note=f"{real.name} at hidden {self.hidden}, {self.layers} layers, vocab scaled to {vocab}",
         )
 
+    @property
+    def n_params(self) -> int:
+        """Parameters of the reduced model (layers plus the root unit)."""
+        unit, root = unit_parameters(self.preset)
+        return self.layers * unit + root
+
     def sleep_seconds(self) -> dict[str, float]:
         """Seconds slept per micro-step: forward / backward of one layer and of the root unit."""
         unit, root = unit_parameters(self.preset)

@@ -156,17 +156,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         def timed() -> str:
             times = []
-            stats_before = _comm_bytes(model, args.strategy)
+            before = _engine_counters(model, args.strategy)
             for _ in range(args.steps):
                 t0 = time.perf_counter()
                 step()
                 dist.barrier()  # a step ends when the slowest rank's does
                 times.append(time.perf_counter() - t0)
-            stats_after = _comm_bytes(model, args.strategy)
-            booked = {key: (stats_after[key] - stats_before.get(key, 0)) / args.steps for key in stats_after}
-            waits = _comm_waits(model, args.strategy)
-            return json.dumps({"step_seconds": times, "loss": losses[-1], "booked_bytes_per_step": booked,
-                               "wait_seconds_per_step": {op: v / (args.steps + args.warmup) for op, v in waits.items()}})
+            after = _engine_counters(model, args.strategy)
+            per_step = {kind: {key: (value - before[kind].get(key, 0)) / args.steps for key, value in after[kind].items()}
+                        for kind in after}
+            return json.dumps({"step_seconds": times, "loss": losses[-1], "booked_bytes_per_step": per_step["bytes"],
+                               "wait_seconds_per_step": per_step["wait_seconds"]})
 
         def warmup() -> None:
             for _ in range(args.warmup):
@@ -178,22 +178,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
-def _comm_bytes(model: nn.Module, strategy: str) -> dict[str, int]:
-    """Bytes this rank booked per (op, link) under the ring model (MiCS engine only; FSDP2 keeps no count)."""
+def _engine_counters(model: nn.Module, strategy: str) -> dict[str, dict]:
+    """The engine's running totals: bytes this rank booked per op/link (ring model) and seconds the compute
+    thread waited per op. MiCS engine only: FSDP2 keeps no such count."""
     if strategy == "hsdp":
-        return {}
+        return {"bytes": {}, "wait_seconds": {}}
     from .stats import comm_stats
 
-    return {f"{op}/{link}": v for (op, link), v in comm_stats(model).bytes.items()}
-
-
-def _comm_waits(model: nn.Module, strategy: str) -> dict[str, float]:
-    """Seconds the compute thread waited for each kind of collective, warm-up included (MiCS engine only)."""
-    if strategy == "hsdp":
-        return {}
-    from .stats import comm_stats
-
-    return dict(comm_stats(model).wait_seconds)
+    stats = comm_stats(model)
+    return {"bytes": {f"{op}/{link}": v for (op, link), v in stats.bytes.items()},
+            "wait_seconds": dict(stats.wait_seconds)}
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from .costmodel import predict, unit_parameters
+from .costmodel import predict
 from .emulate import EmulatedCluster, measure_all_gather, run_phases
 from .emulate_scale import EMULATED_BYTES, EmulationScale
 
@@ -135,9 +136,7 @@ def plan_runs(nodes_list: Sequence[int], k: int, strategies: Sequence[str] = ("m
 
 def _annotate(scale: EmulationScale, runs: list[dict]) -> None:
     """Add predicted step time, real-equivalent TFLOPS per GPU and weak-scaling efficiency to each run."""
-    unit, root = unit_parameters(scale.preset)
-    n_params = scale.layers * unit + root
-    flops_per_step = 8 * n_params * scale.tokens_per_micro_step * scale.grad_accum
+    flops_per_step = 8 * scale.n_params * scale.tokens_per_micro_step * scale.grad_accum
     for run in runs:
         run["predicted_step_seconds"] = _predicted(scale, run["nodes"], run["strategy"], run["partition_size"])
         run["prediction_error"] = run["predicted_step_seconds"] / run["step_seconds"] - 1
@@ -196,8 +195,6 @@ def _meta() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
     except OSError:
         cpu = platform.processor() or "unknown"
-    import os
-
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}",
@@ -308,8 +305,8 @@ def format_report(result: SweepResult, png_name: str) -> str:
     sleeps = d["sleep_seconds"]
     verdicts = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}: {detail}" for name, ok, detail in check(result))
     ag = "\n".join(
-        f"| {a['nodes']} x {sc.ranks_per_node} | {a['partition_size']} | {sum(a['flat_tx_per_node']) / len(a['flat_tx_per_node']) / 1e6:.2f} "
-        f"| {sum(a['hierarchical_tx_per_node']) / len(a['hierarchical_tx_per_node']) / 1e6:.2f} | {a['measured_ratio']:.3f} "
+        f"| {a['nodes']} x {sc.ranks_per_node} | {a['partition_size']} | {statistics.mean(a['flat_tx_per_node']) / 1e6:.2f} "
+        f"| {statistics.mean(a['hierarchical_tx_per_node']) / 1e6:.2f} | {a['measured_ratio']:.3f} "
         f"| {a['ideal_ratio']:.3f} |" for a in result.all_gather)
     ag_table = ("\n\nOne 16 MiB all-gather, bytes on each node's link (mean over nodes):\n\n"
                 "| nodes x ranks | p | flat MB | hierarchical MB | measured ratio | (p-k)/(p-1) |\n"
@@ -319,7 +316,7 @@ def format_report(result: SweepResult, png_name: str) -> str:
 - Command: `{m['command']}`
 - Machine: {m['machine']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}.
 - Emulated: {d['instance']} ({sc.ranks_per_node} ranks per emulated node instead of 8), {d['model']} shape at
-  hidden {sc.hidden}, {sc.layers} layers, vocabulary {sc.preset.vocab} ({sum(_param_split(sc)) / 1e6:.2f}M
+  hidden {sc.hidden}, {sc.layers} layers, vocabulary {sc.preset.vocab} ({sc.n_params / 1e6:.2f}M
   parameters), {d['tokens_per_micro_step']} tokens per rank per micro-step ({sc.real_preset.micro_batch} x
   {sc.real_preset.seq}), {sc.grad_accum} micro-steps per optimizer step. Links: tbf {sc.link_mbit:g} Mbit/s per node
   ({d['link_goodput_bytes_per_s'] / 1e6:.2f} MB/s goodput) for the instance's {d['real_goodput_bytes_per_s'] / 1e9:.2f}
@@ -342,11 +339,6 @@ Criteria:
 
 ![emulated weak scaling]({png_name})
 """
-
-
-def _param_split(scale: EmulationScale) -> tuple[int, int]:
-    unit, root = unit_parameters(scale.preset)
-    return scale.layers * unit, root
 
 
 def write_report(result: SweepResult, output_dir: str | Path, *, stem: str | None = None) -> dict[str, Path]:

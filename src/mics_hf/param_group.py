@@ -63,6 +63,11 @@ def _on(streams: CommStreams | None, name: str, *, after: str | None = None) -> 
     return streams.start_on(getattr(streams, name), getattr(streams, after) if after else None)
 
 
+def _waiting_on(streams: CommStreams | None, name: str) -> "contextlib.AbstractContextManager":
+    """Run the block (a Work.wait and what consumes its result) on side stream `name`; nothing on CPU."""
+    return torch.cuda.stream(getattr(streams, name)) if streams is not None else contextlib.nullcontext()
+
+
 class ShardState(enum.Enum):
     SHARDED = "sharded"
     GATHERING = "gathering"  # all-gather in flight (prefetch)
@@ -311,8 +316,7 @@ class ParamGroup:
         if self._reduce_work is None:
             return
         # on CUDA the accumulation stays on the reduce-scatter stream; the end of backward joins it
-        ctx = torch.cuda.stream(self.streams.reduce_scatter) if self.streams is not None else contextlib.nullcontext()
-        with ctx:
+        with _waiting_on(self.streams, "reduce_scatter"):
             self._reduce_work.wait()
             self._reduce_work = None
             out, self._reduce_out = self._reduce_out, None
@@ -353,7 +357,8 @@ class ParamGroup:
                 self.grad_flat[sp.segment_offset + sp.local_numel : sp.segment_offset + sp.padded_len].zero_()
 
     def _grad_ptr(self, sp: ShardedParam) -> int:
-        return self.grad_flat[sp.segment_offset :].data_ptr()
+        # arithmetic, not a slice: this runs for every parameter on every reduction
+        return self.grad_flat.data_ptr() + sp.segment_offset * self.grad_flat.element_size()
 
     def all_reduce_grads(self) -> None:
         """Hop 2: start the sum of the accumulated shard gradients across the replication group."""
@@ -364,8 +369,7 @@ class ParamGroup:
 
     def wait_all_reduce(self) -> None:
         if self._hop2_work is not None:
-            ctx = torch.cuda.stream(self.streams.all_reduce) if self.streams is not None else contextlib.nullcontext()
-            with ctx:
+            with _waiting_on(self.streams, "all_reduce"):
                 self._hop2_work.wait()
             self._hop2_work = None
 

@@ -185,8 +185,8 @@ class MiCSState:
         were issued at least one unit of compute ago, so waiting for them is short, and the all-reduce overlaps
         the rest of backward. With one replica (ZeRO-3, a world of one) there is no hop 2 to start.
         """
-        for g in self._hop1_started:
-            g.advance_reduce()
+        if self._hop1_started:  # only the newest can still have a deferred stage: the others were pushed already
+            self._hop1_started[-1].advance_reduce()
         if not (self.sync_gradients and self.topology.replication_size > 1):
             return
         while len(self._hop1_started) > 1:
