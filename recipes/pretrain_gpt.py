@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.data import synthetic_batch  # noqa: E402
 from common.loop import Recipe, train  # noqa: E402
-from common.run import build_model, evaluate_perplexity, make_optimizer, setup, teardown  # noqa: E402
+from common.run import build_model, evaluate_perplexity, make_optimizer, setup  # noqa: E402
 
 FAMILY = "gpt"
 
@@ -54,8 +54,7 @@ def main() -> None:
 
     evaluate = None if tokenizer is None else (
         lambda: evaluate_perplexity(accelerator, model, tokenizer, data.eval_texts, preset, args))
-    train(accelerator, model, optimizer, scheduler, Recipe(FAMILY, batch, evaluate, tokenizer), preset, args, paths, n_params)
-    teardown(accelerator)
+    train(accelerator, model, optimizer, scheduler, Recipe(FAMILY, batch, evaluate, tokenizer), preset, args, paths, n_params)  # ends with end_training(): leave together, close the group
 
 
 if __name__ == "__main__":

@@ -121,12 +121,7 @@ def main() -> None:
     trainer.save_model()  # full weights, the normal Hugging Face layout
     if trainer.is_world_process_zero():
         print(f"metrics (JSONL): {out / 'metrics.jsonl'}   model: {out}   MiCS: {mics_hf.is_sharded(trainer.model)}")
-    if torch.distributed.is_initialized():
-        # leave together, then close gloo/NCCL: exiting with the group alive, or closing it under a peer that is
-        # still busy, was seen to abort a rank at exit and fail a job whose training had finished
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
+    mics_hf.close_process_group()  # leave together, then close the group (see mics_hf.teardown)
 
 if __name__ == "__main__":
     main()

@@ -379,9 +379,9 @@ def rank_main(rank: int, opts: Options, port: int, results_path: str) -> None:
         results["saves"] = saved
         if rank == 0:
             Path(results_path).write_text(json.dumps(results))
-        dist.barrier()
+        mics_hf.close_process_group()
     finally:
-        dist.destroy_process_group()
+        mics_hf.close_process_group(wait_for_peers=False)  # an error path: a peer may be gone
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -413,10 +413,9 @@ def rank_main(rank: int, opts: Options, port: int, results_path: str) -> None:
                     Path(results_path).write_text(json.dumps(results))
         if rank == 0:
             Path(results_path).write_text(json.dumps(results))
-        dist.barrier()
+        mics_hf.close_process_group()  # without it gloo can hang or abort at exit and the run reports a failure
     finally:
-        # Required: without it gloo can abort at interpreter exit and the run reports a failure.
-        dist.destroy_process_group()
+        mics_hf.close_process_group(wait_for_peers=False)  # an error path: a peer may be gone
 
 
 # --------------------------------------------------------------------------------------------------------------

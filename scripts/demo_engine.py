@@ -222,8 +222,8 @@ def main() -> None:
         " = within a node; hop 1 = reduce_scatter in the partition group every micro-step, hop 2 = all_reduce across"
         " the replication group once per optimizer step (none when partition_size = world: a single replica).")
 
-    # Required: without it gloo may abort at exit and torchrun reports a failure.
-    dist.destroy_process_group()
+    # Required: without it gloo may hang or abort at exit and torchrun reports a failure.
+    mics_hf.close_process_group()
 
 
 if __name__ == "__main__":

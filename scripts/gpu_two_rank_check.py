@@ -74,7 +74,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
         except Exception as exc:
             report["parity_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     results[rank] = report
-    dist.destroy_process_group()
+    mics_hf.close_process_group()
 
 
 def main() -> None:

@@ -76,11 +76,7 @@ def main() -> None:
 
         save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, args.out + ".safetensors")
         Path(args.out + ".json").write_text(json.dumps(report))
-    acc.end_training()
-    if torch.distributed.is_initialized():
-        acc.wait_for_everyone()  # leave together: gloo torn down under a still-busy peer can abort at exit
-        torch.distributed.destroy_process_group()
-
+    acc.end_training()  # MiCSAccelerator: leave together, then close the group
 
 if __name__ == "__main__":
     main()

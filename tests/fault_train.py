@@ -97,8 +97,9 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout_s))
     try:
         run(args)
+        mics_hf.close_process_group()
     finally:
-        dist.destroy_process_group()
+        mics_hf.close_process_group(wait_for_peers=False)  # a failed or killed peer: no barrier
 
 
 def run(args: argparse.Namespace) -> None:

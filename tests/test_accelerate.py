@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch import run_job
 
 
 def torch_equal(a, b) -> bool:
@@ -40,7 +41,7 @@ def _launch(config: Path, out: Path, *args: str, env: dict | None = None, timeou
     # an explicit free port: a leftover job on Accelerate's default 29500 must not capture this launch
     cmd = [str(ACCELERATE), "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
            str(ROOT / "tests" / "accel_train.py"), "--out", str(out), *args]
-    return subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=timeout, cwd=str(out.parent))
+    return run_job(cmd, env=env or _env(), timeout=timeout, cwd=str(out.parent))
 
 
 def _load(out: Path) -> tuple[dict, dict]:
@@ -189,7 +190,7 @@ def test_torchrun_with_mics_config_environment_variable(tmp_path):
     env = _env(MICS_CONFIG='{"partition_size": 2, "devices_per_node": 2}')
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
            str(ROOT / "tests" / "accel_train.py"), "--out", str(tmp_path / "run"), "--steps", "2"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+    result = run_job(cmd, env=env, timeout=240, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     report, _ = _load(tmp_path / "run")
     assert report["mics"] and report["world"] == 4 and report["hop2"] == 2

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -36,7 +37,7 @@ def _accelerate(tmp: Path, recipe: str, *args: str, timeout: int = 600) -> subpr
 
     cmd = [str(ACCELERATE), "launch", "--config_file", str(CPU_YAML), "--main_process_port", str(free_port()),
            str(ROOT / "recipes" / recipe), *args]
-    result = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True, timeout=timeout, cwd=str(tmp))
+    result = run_job(cmd, env=_env(tmp), timeout=timeout, cwd=str(tmp))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -101,7 +102,7 @@ def test_trainer_recipe_under_torchrun_mics(tmp_path):
            str(ROOT / "recipes" / "pretrain_trainer.py"), "--family", "gpt", "--preset", "tiny",
            "--mics", '{"partition_size": 4, "devices_per_node": 2}', "--output_dir", str(out), "--max_steps", "4",
            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "none"]
-    result = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=400, cwd=str(tmp_path))
+    result = run_job(cmd, env=_env(tmp_path), timeout=400, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [r for r in _jsonl(out / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 4

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch import run_job
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def _run(tmp: Path, name: str, *extra: str, nproc: int = 4, accum: int = 2, batc
         "--learning_rate", "1e-3", "--adam_epsilon", "1e-4", "--max_grad_norm", "1.0", "--seed", "3",
         "--save_total_limit", "2", "--report", str(tmp / name / "report"), *extra,
     ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = run_job(cmd, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     from safetensors.torch import load_file
 

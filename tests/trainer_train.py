@@ -59,12 +59,7 @@ def main() -> None:
             "world": trainer.args.world_size,
             "log_keys": sorted({k for e in trainer.state.log_history for k in e}),
         }))
-    if torch.distributed.is_initialized():
-        # leave together, then close gloo: a process exiting with the group alive, or closing it under a peer
-        # that is still busy, was seen to abort at exit ("terminate called without an active exception")
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
+    mics_hf.close_process_group()  # leave together, then close the group (see mics_hf.teardown)
 
 if __name__ == "__main__":
     main()

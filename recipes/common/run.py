@@ -91,18 +91,6 @@ def setup(family: str, description: str) -> Setup | None:
     return Setup(args, paths, accelerator, make_data(accelerator, args, paths, preset, family))
 
 
-def teardown(accelerator: Any) -> None:
-    """Leave together, then close the process group.
-
-    Rank 0 finishes later than the others (summary, W&B upload); a rank that tore gloo down while a peer was
-    still finishing was seen to abort at exit ("terminate called without an active exception"), which the
-    launcher reports as a failed job although training had finished. A barrier first avoids that.
-    """
-    if torch.distributed.is_initialized():
-        accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
-
-
 def build_model(accelerator: Any, preset: ModelPreset, args: argparse.Namespace) -> torch.nn.Module:
     """The model from its config. Under MiCS it is created on the meta device and materialised one unit at a
     time by prepare(), so no rank ever holds the whole model: that is how the 10B-175B presets fit."""

@@ -8,6 +8,7 @@ from .optim import clip_grad_norm_, grad_scaler
 from .shard import MiCSModule, is_sharded, shard_model
 from .state_dict import full_state_dict
 from .stats import comm_stats, topology_of
+from .teardown import close_process_group
 
 __all__ = [
     "MiCSConfig",
@@ -29,6 +30,7 @@ __all__ = [
     "save_pretrained",
     "export_checkpoint",
     "consolidate_checkpoint",
+    "close_process_group",
     "MiCSAccelerator",
     "MiCSTrainingArguments",
     "MiCSTrainer",

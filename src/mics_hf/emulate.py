@@ -407,6 +407,7 @@ def _worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from .collectives import Group, all_gather, hierarchical_all_gather
+    from .teardown import close_process_group
     from .topology import build_topology, create_process_groups, node_map_from_devices_per_node
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -461,8 +462,9 @@ def _worker(args: argparse.Namespace) -> None:
             got = sorted(set(output.view(world, -1)[:, 0].long().tolist()))
             if got != expected:
                 raise SystemExit(f"rank {rank}: gathered shards {got}, expected {expected}")
+        close_process_group()
     finally:
-        dist.destroy_process_group()
+        close_process_group(wait_for_peers=False)  # an error path: a peer may be gone
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -37,6 +37,7 @@ import torch.nn as nn
 from .emulate import PhaseWorker
 from .emulate_scale import EmulationScale
 from .presets import build_config, model_class, unit_class_name
+from .teardown import close_process_group
 
 STRATEGIES = ("mics", "zero3", "hsdp")
 
@@ -173,9 +174,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 step()
 
         PhaseWorker().run("steps", timed, warmup=warmup, barrier=dist.barrier)
-        dist.barrier()  # leave together (see recipes.common.run.teardown)
+        close_process_group()  # leave together, then close (see mics_hf.teardown)
     finally:
-        dist.destroy_process_group()
+        close_process_group(wait_for_peers=False)  # an error path: a peer may be gone
 
 
 def _engine_counters(model: nn.Module, strategy: str) -> dict[str, dict]:

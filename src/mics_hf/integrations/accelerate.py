@@ -24,6 +24,7 @@ from ..optim import clip_grad_norm_ as mics_clip_grad_norm_
 from ..shard import get_state, is_sharded, shard_model, sharded_param_for
 from ..state_dict import full_state_dict
 from ..stats import comm_stats
+from ..teardown import close_process_group
 from ..topology import build_topology, node_map_from_devices_per_node
 from .config import MiCSSettings, launcher_devices_per_node, resolve_mics_settings
 
@@ -246,3 +247,12 @@ class MiCSAccelerator(Accelerator):
             if state is not None:
                 obj.load_state_dict(state)
         return None
+
+    # ---- end ------------------------------------------------------------------------------------------
+    def end_training(self) -> None:
+        """Finish the trackers, then leave together and close the process group (Accelerate's own version
+        destroys it at once, which can hang or abort a gloo rank at exit; see mics_hf.teardown)."""
+        for tracker in self.trackers:
+            tracker.finish()
+        if not getattr(self.state, "fork_launched", False):  # a notebook launch keeps its group, as in Accelerate
+            close_process_group()

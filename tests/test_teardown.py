@@ -1,0 +1,53 @@
+"""close_process_group(): every rank waits for the others, the groups are gone, a DDP model frees cleanly after."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distributed import DistPool, free_port
+
+
+def _leave(rank: int, world: int, *, port: int, marker: str) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    import mics_hf
+    from mics_hf import topology
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    model = DistributedDataParallel(torch.nn.Linear(4, 4))  # its reducer keeps the default group alive
+    model(torch.ones(2, 4)).sum().backward()
+    gathered = [torch.zeros(3) for _ in range(world)]
+    dist.all_gather(gathered, torch.full((3,), float(rank)))  # a finished collective with Python-owned tensors
+    mics_hf.shard_model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)),
+                        mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))  # fills the group cache
+    cached = len(topology._GROUP_CACHE)
+    if rank == world - 1:
+        time.sleep(0.5)  # the last rank is late: the others must wait for it
+        Path(marker).write_text("arrived")
+    mics_hf.close_process_group()
+    seen = Path(marker).exists()  # every rank passed the barrier only after the late rank wrote the marker
+    del model, gathered  # the reducer drops the last reference to the group here: this must not hang
+    return {"seen": seen, "initialized": dist.is_initialized(), "cached_before": cached,
+            "cached_after": len(topology._GROUP_CACHE)}
+
+
+def test_close_process_group_waits_for_every_rank_and_closes(tmp_path):
+    with DistPool(4, init=False, timeout=120) as pool:
+        results = pool.run(_leave, port=free_port(), marker=str(tmp_path / "late"))
+    for r in results:
+        assert r == {"seen": True, "initialized": False, "cached_before": r["cached_before"], "cached_after": 0}
+        assert r["cached_before"] >= 1
+
+
+def test_close_process_group_without_a_group_does_nothing():
+    import mics_hf
+
+    assert not dist.is_initialized()
+    mics_hf.close_process_group()  # safe in a `finally`, even when init never happened
+    assert not dist.is_initialized()
