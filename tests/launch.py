@@ -24,6 +24,16 @@ def _family(pid: int) -> list[psutil.Process]:
         return []
 
 
+def kill_all(procs: list[psutil.Process]) -> None:
+    """SIGKILL each process (gone ones are skipped) and reap them."""
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
 def run_job(cmd: Sequence[str], *, env: Mapping[str, str], timeout: float, cwd: str | None = None) -> subprocess.CompletedProcess:
     """Run `cmd` to completion and return its CompletedProcess (text output); fail the test after `timeout` s."""
     env = {**env, "PYTHONFAULTHANDLER": "1"}
@@ -40,12 +50,7 @@ def run_job(cmd: Sequence[str], *, env: Mapping[str, str], timeout: float, cwd: 
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(ranks, timeout=5)
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(family, timeout=10)
+        kill_all(family)
         out, err = proc.communicate(timeout=30)
         pytest.fail(
             f"{cmd[0]} did not finish within {timeout:.0f} s; it and its ranks were killed. Stacks (SIGABRT) and "

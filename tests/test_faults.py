@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 import mics_hf
 from mics_hf.checkpoint import read_metadata
+from launch import kill_all
 from models import tiny_gpt2
 
 SCRIPT = Path(__file__).with_name("fault_train.py")
@@ -65,15 +66,6 @@ def _processes_mentioning(marker: str) -> list[psutil.Process]:
     return found
 
 
-def _kill_all(procs: list[psutil.Process]) -> None:
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-
-
 def torchrun(*args: str, marker: str, torchrun_args: tuple[str, ...] = (), limit_s: float = LAUNCH_LIMIT_S) -> Launch:
     """Run fault_train.py on NPROC ranks; the output is captured line by line with arrival times.
 
@@ -107,7 +99,7 @@ def torchrun(*args: str, marker: str, torchrun_args: tuple[str, ...] = (), limit
             family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
         except psutil.NoSuchProcess:
             family = []
-        _kill_all(family + _processes_mentioning(marker))
+        kill_all(family + _processes_mentioning(marker))
         proc.wait(timeout=30)
         reader.join(timeout=10)
         pytest.fail(f"torchrun did not finish within {limit_s} s (killed); output:\n" + "".join(l for _, l in lines))
@@ -134,7 +126,7 @@ def assert_same_params(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor
 def marker(tmp_path):
     """A path unique to the test: every process it launches names it; survivors are killed at the end."""
     yield str(tmp_path)
-    _kill_all(_processes_mentioning(str(tmp_path)))
+    kill_all(_processes_mentioning(str(tmp_path)))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +136,7 @@ def reference(tmp_path_factory):
     try:
         run = torchrun(*train_args(base / "ckpt", base / "out"), marker=str(base))
     finally:
-        _kill_all(_processes_mentioning(str(base)))
+        kill_all(_processes_mentioning(str(base)))
     assert run.returncode == 0, run.output
     params, losses = load_result(base / "out")
     assert sorted(losses["losses"], key=int) == [str(s) for s in range(STEPS)]
