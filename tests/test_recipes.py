@@ -83,7 +83,7 @@ def test_gpt_recipe_learns_and_streams_metrics_to_wandb(tmp_path):
 @pytest.mark.slow
 def test_bert_recipe_reaches_an_mlm_accuracy_floor(tmp_path):
     out = tmp_path / "bert"
-    result = _accelerate(tmp_path, "pretrain_bert.py", "--preset", "tiny", "--max_steps", "150", "--output_dir", str(out),
+    result = _accelerate(tmp_path, "pretrain_bert.py", "--preset", "tiny", "--max_steps", "100", "--output_dir", str(out),
                          "--learning_rate", "2e-3", "--eval_batches", "8")
     final = _jsonl(out / "metrics.jsonl")[-1]
     assert final["eval/mlm_accuracy"] > 0.04, final
