@@ -51,3 +51,37 @@ def test_close_process_group_without_a_group_does_nothing():
     assert not dist.is_initialized()
     mics_hf.close_process_group()  # safe in a `finally`, even when init never happened
     assert not dist.is_initialized()
+
+
+STOCK_SCRIPT = """
+import atexit, os, sys
+import torch, torch.distributed as dist
+import mics_hf
+
+out = sys.argv[1]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+# registered before shard_model, so it runs after mics_hf's handler (atexit is last in, first out)
+atexit.register(lambda: open(f"{out}.{rank}", "w").write(str(dist.is_initialized())))
+model = mics_hf.shard_model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)),
+                            mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
+model(torch.ones(4, 8)).sum().backward()
+# no close_process_group() here, like a stock Trainer script
+"""
+
+
+def test_a_script_that_never_closes_its_groups_has_them_closed_at_exit(tmp_path):
+    import os
+    import sys
+
+    from launch import run_job
+
+    script = tmp_path / "stock.py"
+    script.write_text(STOCK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "initialized_at_exit")]
+    result = run_job(cmd, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        assert (tmp_path / f"initialized_at_exit.{rank}").read_text() == "False"

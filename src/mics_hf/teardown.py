@@ -10,11 +10,13 @@ Two exit failures were seen on CPU (gloo) jobs whose training had already finish
   often holds the last reference, so the hang shows when the model is freed at the end of `main()`.
 
 `close_process_group()` avoids both: a barrier (so no peer is still mid-collective), a short sleep that releases
-the GIL (so the workers finish releasing), then `destroy_process_group()`.
+the GIL (so the workers finish releasing), then `destroy_process_group()`. A script that never calls it (a stock
+Trainer script with `--mics`) is covered by `close_at_exit()`, which sharding a model registers.
 """
 
 from __future__ import annotations
 
+import atexit
 import time
 
 import torch.distributed as dist
@@ -39,3 +41,15 @@ def close_process_group(*, wait_for_peers: bool = True, settle_s: float = SETTLE
     time.sleep(settle_s)
     dist.destroy_process_group()
     clear_group_cache()  # the cached partition / replication groups died with the default group
+
+
+_registered = False
+
+
+def close_at_exit() -> None:
+    """Make the interpreter close the groups on exit, while it can still run their destructors, if the script
+    has not closed them itself. No barrier there: after an error a peer may be gone or stuck in a collective."""
+    global _registered
+    if not _registered:
+        atexit.register(close_process_group, wait_for_peers=False)
+        _registered = True
