@@ -77,7 +77,9 @@ def train(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: A
         if args.eval_steps and (step + 1) % args.eval_steps == 0 and recipe.evaluate is not None:
             accelerator.log(recipe.evaluate(), step=step + 1)
 
-    # 3. Final evaluation, checkpoint, and a normal Hugging Face model directory.
+    # 3. Final evaluation, checkpoint, and a normal Hugging Face model directory. The progress bar and the JSONL
+    # file close first: the final rows are appended below, and the export's own progress bar must not interleave.
+    writer.close()
     final_eval = recipe.evaluate() if recipe.evaluate is not None else {}
     if final_eval:
         accelerator.log(final_eval, step=args.max_steps)
@@ -87,7 +89,6 @@ def train(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: A
     accelerator.save_state(str(paths["checkpoints"]))
     if not args.no_save_model:
         mics_hf.save_pretrained(model, paths["model"], tokenizer=recipe.tokenizer)
-    writer.close()
     if accelerator.is_main_process:
         print(summary_table(writer.rows))
         for key, value in final_eval.items():
