@@ -54,7 +54,8 @@ def main() -> None:
 
     evaluate = None if tokenizer is None else (
         lambda: evaluate_perplexity(accelerator, model, tokenizer, data.eval_texts, preset, args))
-    train(accelerator, model, optimizer, scheduler, Recipe(FAMILY, batch, evaluate, tokenizer), preset, args, paths, n_params)  # ends with end_training(): leave together, close the group
+    # train() ends with end_training(): every rank waits for the others, then the group is closed
+    train(accelerator, model, optimizer, scheduler, Recipe(FAMILY, batch, evaluate, tokenizer), preset, args, paths, n_params)
 
 
 if __name__ == "__main__":

@@ -123,5 +123,6 @@ def main() -> None:
         print(f"metrics (JSONL): {out / 'metrics.jsonl'}   model: {out}   MiCS: {mics_hf.is_sharded(trainer.model)}")
     mics_hf.close_process_group()  # leave together, then close the group (see mics_hf.teardown)
 
+
 if __name__ == "__main__":
     main()

@@ -78,5 +78,6 @@ def main() -> None:
         Path(args.out + ".json").write_text(json.dumps(report))
     acc.end_training()  # MiCSAccelerator: leave together, then close the group
 
+
 if __name__ == "__main__":
     main()

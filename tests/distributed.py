@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from mics_hf import close_process_group
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -43,8 +45,6 @@ def _worker(rank: int, world_size: int, port: int, conn: Any, init: bool) -> Non
             except BaseException as exc:  # the parent raises it with the rank's traceback
                 conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
-        from mics_hf import close_process_group
-
         close_process_group(wait_for_peers=False)  # a test may have failed on one rank only: no barrier
         conn.close()
 

@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 
-def _family(pid: int) -> list[psutil.Process]:
+def family_of(pid: int) -> list[psutil.Process]:
+    """The process and all its descendants, descendants first (collect them before killing anything)."""
     try:
         root = psutil.Process(pid)
         return root.children(recursive=True) + [root]
@@ -42,7 +43,7 @@ def run_job(cmd: Sequence[str], *, env: Mapping[str, str], timeout: float, cwd: 
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        family = _family(proc.pid)  # collected before any kill: an orphan would no longer be found
+        family = family_of(proc.pid)  # collected before any kill: an orphan would no longer be found
         ranks = family[:-1]
         for p in ranks:
             try:

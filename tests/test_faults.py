@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 import mics_hf
 from mics_hf.checkpoint import read_metadata
-from launch import kill_all
+from launch import family_of, kill_all
 from models import tiny_gpt2
 
 SCRIPT = Path(__file__).with_name("fault_train.py")
@@ -95,11 +95,7 @@ def torchrun(*args: str, marker: str, torchrun_args: tuple[str, ...] = (), limit
     try:
         returncode = proc.wait(timeout=limit_s)
     except subprocess.TimeoutExpired:
-        try:
-            family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-        except psutil.NoSuchProcess:
-            family = []
-        kill_all(family + _processes_mentioning(marker))
+        kill_all(family_of(proc.pid) + _processes_mentioning(marker))
         proc.wait(timeout=30)
         reader.join(timeout=10)
         pytest.fail(f"torchrun did not finish within {limit_s} s (killed); output:\n" + "".join(l for _, l in lines))

@@ -41,8 +41,8 @@ def test_close_process_group_waits_for_every_rank_and_closes(tmp_path):
     with DistPool(4, init=False, timeout=120) as pool:
         results = pool.run(_leave, port=free_port(), marker=str(tmp_path / "late"))
     for r in results:
-        assert r == {"seen": True, "initialized": False, "cached_before": r["cached_before"], "cached_after": 0}
-        assert r["cached_before"] >= 1
+        assert r["seen"] and not r["initialized"]
+        assert r["cached_before"] >= 1 and r["cached_after"] == 0
 
 
 def test_close_process_group_without_a_group_does_nothing():

@@ -108,15 +108,10 @@ class SweepResult:
     @classmethod
     def from_json(cls, data: dict) -> "SweepResult":
         """Rebuild a recorded sweep (to re-render its table, criteria and plot without rerunning it)."""
-        fields = data.get("scale_fields")
-        if fields is None:  # records written before scale_fields existed: rebuild from the description
-            d = data["scale"]
-            model = d["emulated_model"]
-            fields = dict(instance=d["instance"], model=d["model"], hidden=model["hidden"], layers=model["layers"],
-                          heads=model["heads"], micro_batch=model["micro_batch"], link_mbit=d["link_mbit"],
-                          ranks_per_node=d["ranks_per_node"], grad_accum=d["grad_accum"],
-                          intra_node_bandwidth=d["intra_node_bandwidth"], latency_s=d["latency_s"])
-        return cls(scale=EmulationScale(**fields), runs=data["runs"], all_gather=data["all_gather"],
+        if "scale_fields" not in data:
+            raise ValueError("this record has no 'scale_fields': it is not a sweep record written by "
+                             "`mics-hf emulate weak-scaling`; rerun the sweep to get one")
+        return cls(scale=EmulationScale(**data["scale_fields"]), runs=data["runs"], all_gather=data["all_gather"],
                    meta=data["meta"])
 
 
