@@ -3,6 +3,10 @@
 Each rank trains its sharded copy on its slice of every global batch and, beside it, a full reference model
 on the whole global batch, and reports per-tensor relative differences (max |diff| / max |ref|) of the
 parameters after the optimizer steps, of the first step's gradients, and of every step's loss.
+
+`dtype=torch.float64` runs both sides in float64 (the engine keeps float64 masters for a float64 model): the
+reference and the engine then differ only by summation order at ~1e-16, which three AdamW steps amplify to
+~1e-12 at most, so a strict bound far below any engine error cannot be moved by a dependency's rounding change.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def rel_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
     would compare noise with noise.
     """
     scale = max(ref.detach().abs().max().item(), 1e-3)
-    return (a.detach().float() - ref.detach().float()).abs().max().item() / scale
+    return (a.detach().double() - ref.detach().double()).abs().max().item() / scale
 
 
 def full_grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,9 +70,10 @@ def run_parity(
     prefetch: bool = True,
     clip: float | None = None,
     norm_type: float = 2.0,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     torch.use_deterministic_algorithms(True)
-    ref = BUILDERS[model]()
+    ref = BUILDERS[model]().to(dtype)
     net = copy.deepcopy(ref)
     if checkpointing:
         for m in (ref, net):
@@ -86,16 +91,16 @@ def run_parity(
     grad_diff = 0.0
     norm_diffs: list[float] = [0.0]
     for step in range(steps):
-        mine = torch.zeros(())
-        theirs = torch.zeros(())
+        mine = torch.zeros((), dtype=torch.float64)
+        theirs = torch.zeros((), dtype=torch.float64)
         for m in range(accum):
             with net.no_sync() if m < accum - 1 else nullcontext():
                 loss = loss_of(net, data[step, m, rank]) / accum
                 loss.backward()
-            mine += loss.detach().float()
+            mine += loss.detach().double()
             ref_loss = loss_of(ref, data[step, m].reshape(-1, data.shape[-1])) / accum
             ref_loss.backward()
-            theirs += ref_loss.detach()
+            theirs += ref_loss.detach().double()
         if clip is not None:
             norm = mics_hf.clip_grad_norm_(net, clip, norm_type=norm_type)
             ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip, norm_type=norm_type)

@@ -24,6 +24,9 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "float16": torch.float16,
     "half": torch.float16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+    "double": torch.float64,
 }
 
 
@@ -41,7 +44,7 @@ def parse_dtype(value: Union[str, torch.dtype, None], *, field: str) -> torch.dt
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(
             f"{field}={dtype} is not a floating-point type; parameters and gradients are communicated in "
-            "torch.float32, torch.bfloat16 or torch.float16"
+            "torch.float32, torch.bfloat16, torch.float16 or torch.float64"
         )
     return dtype
 
@@ -50,26 +53,35 @@ def parse_dtype(value: Union[str, torch.dtype, None], *, field: str) -> torch.dt
 class MixedPrecisionPolicy:
     """Dtypes of the unsharded parameters (compute) and of gradient reduction.
 
-    The sharded master parameters, their gradients and the optimizer state are always float32 (the
-    "fp32 master shards" rule): only the communicated and computed copies change precision.
+    The sharded master parameters, their gradients and the optimizer state are float32 (the "fp32 master
+    shards" rule): only the communicated and computed copies change precision. The one exception is a model
+    whose parameters are all float64: its masters stay float64 (see `for_master`), so a float64 run is
+    float64 end to end, as it is without sharding.
     """
 
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
+    master_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "param_dtype", parse_dtype(self.param_dtype, field="param_dtype"))
         object.__setattr__(self, "reduce_dtype", parse_dtype(self.reduce_dtype, field="reduce_dtype"))
+        if self.master_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"master_dtype={self.master_dtype} must be torch.float32 or torch.float64")
+
+    def for_master(self, master_dtype: torch.dtype) -> "MixedPrecisionPolicy":
+        """The same policy for masters of `master_dtype`: unset compute and reduce dtypes follow the master."""
+        return dataclasses.replace(self, master_dtype=master_dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the unsharded parameters have during forward and backward."""
-        return self.param_dtype or torch.float32
+        return self.param_dtype or self.master_dtype
 
     @property
     def gradient_reduce_dtype(self) -> torch.dtype:
-        """Reduction dtype: explicit, else float32 (accumulating in low precision loses small updates)."""
-        return self.reduce_dtype or torch.float32
+        """Reduction dtype: explicit, else the master dtype (accumulating in low precision loses small updates)."""
+        return self.reduce_dtype or self.master_dtype
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -311,7 +311,7 @@ def _metadata(model, optimizer, params, opt_groups, topo, step, scheduler_state,
         "devices_per_node": topo.devices_per_node,
         "model_class": type(model).__bases__[-1].__name__,
         "params": {
-            fqn: {"shape": list(sp.global_shape), "dtype": "float32", "aliases": aliases[fqn]} for fqn, sp in params.items()
+            fqn: {"shape": list(sp.global_shape), "dtype": str(sp.sharded.dtype).removeprefix("torch."), "aliases": aliases[fqn]} for fqn, sp in params.items()
         },
         "buffers": {name: list(b.shape) for name, b in model.named_buffers()},
         "files": files,

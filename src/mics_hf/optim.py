@@ -24,13 +24,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     norm_type = float(norm_type)
     grads = [sp.sharded.grad for _, g in state.units for sp in g.params if sp.sharded.grad is not None]
     device = state.root_group.device
+    dtype = state.root_group.grad_flat.dtype  # the master dtype: float32, or float64 for a float64 model
     if norm_type == math.inf:
         local = max((g.detach().abs().max() for g in grads if g.numel()), default=torch.zeros((), device=device))
-        total = local.to(device=device, dtype=torch.float32).clone()
+        total = local.to(device=device, dtype=dtype).clone()
         op = dist.ReduceOp.MAX
     else:
-        local = sum((g.detach().float().norm(norm_type) ** norm_type for g in grads if g.numel()), torch.zeros((), device=device))
-        total = local.to(torch.float32)
+        local = sum((g.detach().to(dtype).norm(norm_type) ** norm_type for g in grads if g.numel()), torch.zeros((), device=device, dtype=dtype))
+        total = local.to(dtype)
         op = dist.ReduceOp.SUM
     pg = state.units[-1][1].groups.partition.pg
     if pg is not None:

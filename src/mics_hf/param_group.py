@@ -92,7 +92,7 @@ class CommGroups:
 class ShardedParam:
     """A parameter of a unit: its fp32 shard, its persistent unsharded parameter and its place in the buffers."""
 
-    def __init__(self, fqn: str, param: nn.Parameter, uses: Sequence[tuple[nn.Module, str]], *, p: int, position: int, compute_dtype: torch.dtype) -> None:
+    def __init__(self, fqn: str, param: nn.Parameter, uses: Sequence[tuple[nn.Module, str]], *, p: int, position: int, policy: MixedPrecisionPolicy) -> None:
         self.fqn = fqn
         self.uses = list(uses)  # every (module, attribute) that refers to this parameter (tied weights: several)
         self.global_shape = param.shape
@@ -106,13 +106,14 @@ class ShardedParam:
         stop = min(start + self.rows, self.dim0)
         self.offsets = (start, stop)
         with torch.no_grad():
-            local = param.detach().reshape(dims)[start:stop].to(torch.float32).clone()
+            local = param.detach().reshape(dims)[start:stop].to(policy.master_dtype).clone()
         self.sharded = nn.Parameter(local, requires_grad=param.requires_grad)
         self.local_numel = local.numel()
-        # p = 1 in fp32 (the DDP end of the spectrum): the shard IS the full parameter, so the unsharded
-        # parameter aliases its storage (through .data: a separate version counter, so optimizer updates never
+        # p = 1 computing in the master dtype (the DDP end of the spectrum): the shard IS the full parameter, so
+        # the unsharded parameter aliases its storage (through .data: a separate version counter, so optimizer updates never
         # look like in-place edits to autograd) and unshard/reshard copy and free nothing.
-        self.aliased = p == 1 and compute_dtype == torch.float32
+        compute_dtype = policy.compute_dtype
+        self.aliased = p == 1 and compute_dtype == policy.master_dtype
         if self.aliased:
             self.padded = self.sharded.data.view(1, -1)
             self.unsharded = nn.Parameter(self.sharded.data.view(param.shape), requires_grad=param.requires_grad)
@@ -175,8 +176,9 @@ class ParamGroup:
         self._reduce_work: C.Work | None = None
         self._reduce_out: torch.Tensor | None = None
         self._hop2_work: C.Work | None = None
-        # fp32 accumulated gradient of the local shards, one flat buffer so hop 2 is one all-reduce per unit.
-        self.grad_flat = torch.zeros(self.segment_numel, dtype=torch.float32, device=device)
+        # accumulated gradient of the local shards in the master dtype, one flat buffer so hop 2 is one
+        # all-reduce per unit.
+        self.grad_flat = torch.zeros(self.segment_numel, dtype=policy.master_dtype, device=device)
         self._grad_valid = False  # grad_flat holds an accumulation that the shards' .grad still refer to
         order = groups.chunk_order
         identity = tuple(range(self.p))

@@ -247,6 +247,18 @@ def _common_unit(owners: set[str], units_sorted: list[str]) -> str:
     return ""
 
 
+def _master_dtype(model: nn.Module) -> torch.dtype:
+    """float64 masters for a model whose floating parameters are all float64 (a float64 run stays float64 end
+    to end, e.g. a reference check); float32 for every other model (bf16 / fp16 weights get fp32 masters)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.float64 in dtypes and len(dtypes) > 1:
+        raise ValueError(
+            f"{type(model).__name__} mixes float64 parameters with {sorted(map(str, dtypes - {torch.float64}))}; "
+            "a unit's parameters travel in one buffer of one dtype: call model.double() or model.float() first"
+        )
+    return torch.float64 if dtypes == {torch.float64} else torch.float32
+
+
 def _init_function(model: nn.Module):
     """How to initialise a module's own parameters after materialising them from the meta device."""
     if hasattr(model, "_init_weights"):  # Hugging Face: the model's own scheme (e.g. GPT-2's scaled c_proj)
@@ -315,7 +327,7 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
     topology = _resolve_topology(config, world_size, rank)
     groups = _comm_groups(topology)
     stats = CommStats()
-    policy = config.mixed_precision
+    policy = config.mixed_precision.for_master(_master_dtype(model))
     first = next(model.parameters())
     if first.is_meta:
         device = torch.device(device) if device is not None else (
@@ -338,7 +350,7 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
         for entry in entries:
             fqn, p, uses = entry[:3]
             original = entry[3] if len(entry) > 3 else p
-            sp = ShardedParam(fqn, p, uses, p=topology.partition_size, position=topology.position, compute_dtype=policy.compute_dtype)
+            sp = ShardedParam(fqn, p, uses, p=topology.partition_size, position=topology.position, policy=policy)
             replaced[id(original)] = (weakref.ref(original), sp.sharded)
             sharded.append(sp)
         if not sharded and module is not model:

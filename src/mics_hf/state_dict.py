@@ -16,15 +16,15 @@ __all__ = ["full_state_dict", "gather_full_param"]
 def gather_full_param(
     sp: ShardedParam, partition_pg: dist.ProcessGroup | None, p: int, local: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """All-gather one parameter's fp32 shards (or `local`, a tensor shaped like the shard, e.g. its gradient)
+    """All-gather one parameter's master shards (or `local`, a tensor shaped like the shard, e.g. its gradient)
     inside the partition group; every rank of the group gets the full tensor."""
     local = sp.sharded if local is None else local
-    padded = torch.zeros(sp.padded_len, dtype=torch.float32, device=sp.sharded.device)
+    padded = torch.zeros(sp.padded_len, dtype=sp.sharded.dtype, device=sp.sharded.device)
     padded[: sp.local_numel].copy_(local.detach().reshape(-1))
     if partition_pg is None:
         full = padded
     else:
-        full = torch.empty(p * sp.padded_len, dtype=torch.float32, device=padded.device)
+        full = torch.empty(p * sp.padded_len, dtype=padded.dtype, device=padded.device)
         _all_gather_tensor(full, padded, group=partition_pg)
     return full[: sp.global_shape.numel()].view(sp.global_shape)
 
