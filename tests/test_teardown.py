@@ -61,16 +61,23 @@ import mics_hf
 out = sys.argv[1]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+
+def report():
+    registered = len(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else 0
+    open(f"{out}.{rank}", "w").write(f"{dist.is_initialized()} {registered}")
+
 # registered before shard_model, so it runs after mics_hf's handler (atexit is last in, first out)
-atexit.register(lambda: open(f"{out}.{rank}", "w").write(str(dist.is_initialized())))
+atexit.register(report)
 model = mics_hf.shard_model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)),
                             mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
 model(torch.ones(4, 8)).sum().backward()
-# no close_process_group() here, like a stock Trainer script
+# no teardown here, like a stock Trainer script
 """
 
 
-def test_a_script_that_never_closes_its_groups_has_them_closed_at_exit(tmp_path):
+def test_at_exit_mics_closes_its_own_groups_and_leaves_the_users_group_alone(tmp_path):
+    """4 ranks, partition 2: MiCS made partition and replication groups; at exit those are destroyed and
+    the default group, which the script created, is still initialised and the only one registered."""
     import os
     import sys
 
@@ -79,9 +86,9 @@ def test_a_script_that_never_closes_its_groups_has_them_closed_at_exit(tmp_path)
     script = tmp_path / "stock.py"
     script.write_text(STOCK_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path / "initialized_at_exit")]
-    result = run_job(cmd, env=env, timeout=120)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", str(script),
+           str(tmp_path / "at_exit")]
+    result = run_job(cmd, env=env, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    for rank in range(2):
-        assert (tmp_path / f"initialized_at_exit.{rank}").read_text() == "False"
+    for rank in range(4):
+        assert (tmp_path / f"at_exit.{rank}").read_text() == "True 1"

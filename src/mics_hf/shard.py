@@ -20,7 +20,7 @@ from .api import MiCSConfig
 from .collectives import CommStats, Group
 from .param_group import CommGroups, CommStreams, ParamGroup, ShardedParam
 from .state import MiCSState
-from .teardown import close_at_exit
+from .teardown import release_at_exit
 from .topology import Topology, build_topology, create_process_groups, node_map_from_devices_per_node
 
 __all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state"]
@@ -295,7 +295,7 @@ def _materialise_unit(model: nn.Module, unit: nn.Module, entries: list, other_un
 def _comm_groups(topology: Topology) -> CommGroups:
     pgs = create_process_groups(topology)
     if topology.world_size > 1:
-        close_at_exit()  # a script that never closes its groups must not abort or hang at exit (see teardown)
+        release_at_exit()  # MiCS's own groups die at exit while that is safe; the user's group is theirs
     r = topology.rank
     nodes = topology.node_of_rank
     partition = Group.make("partition", topology.partition_group, pgs.partition, nodes, r)

@@ -1,17 +1,28 @@
-"""Leaving a distributed job: every rank waits for the others, then the process groups are closed safely.
+"""Leaving a distributed job: MiCS closes the groups it created and never the user's default group.
 
-Two exit failures were seen on CPU (gloo) jobs whose training had already finished, each failing the launch:
+A script using mics_hf ends however PyTorch's documentation says a script ends: with
+`dist.barrier(); dist.destroy_process_group()`, with `dist.destroy_process_group()` alone, or with nothing
+(a stock Trainer script). The library owns only the partition / replication / intra-node / inter-node groups
+it made with `dist.new_group`; the default group belongs to whoever called `init_process_group`.
 
-- a process that exits with its groups alive can abort during interpreter shutdown ("terminate called without an
-  active exception");
-- a process that drops its last reference to a group right after a collective can deadlock. A gloo worker thread
-  releases the finished collective's tensors after waking the caller, and releasing a tensor that Python also
-  knows takes the GIL; the thread destroying the group holds the GIL while it joins that worker. DDP's reducer
-  often holds the last reference, so the hang shows when the model is freed at the end of `main()`.
+Two exit hazards were seen on CPU (gloo) jobs whose training had already finished:
 
-`close_process_group()` avoids both: a barrier (so no peer is still mid-collective), a short sleep that releases
-the GIL (so the workers finish releasing), then `destroy_process_group()`. A script that never calls it (a stock
-Trainer script with `--mics`) is covered by `close_at_exit()`, which sharding a model registers.
+- a group object destroyed while the interpreter is finalising can abort the process ("terminate called
+  without an active exception"): its gloo worker threads are joined after the runtime they call into is gone.
+  MiCS's groups are referenced from a module-level cache and from every unit, so without care they are the
+  last objects to die, during finalisation;
+- a group destroyed right after a collective can deadlock: a gloo worker thread releases the finished
+  collective's tensors after waking the caller, releasing a tensor Python also knows takes the GIL, and the
+  thread destroying the group holds the GIL while it joins that worker.
+
+So `shard_model` registers `release_at_exit()`: at interpreter exit, while the runtime is fully alive, it
+releases the GIL for a moment (the workers finish), destroys MiCS's own groups that are still registered
+(a user who already called `destroy_process_group()` has shut them down with the rest), and drops the last
+references MiCS holds, so each group's destructor runs there and not during finalisation. It sends nothing to
+peers: after an error a peer may be gone.
+
+`close_process_group()` is an optional helper for MiCS's own programs and for callers that want one call to
+leave together: a barrier, the same pause, then `destroy_process_group()` of everything.
 """
 
 from __future__ import annotations
@@ -21,9 +32,9 @@ import time
 
 import torch.distributed as dist
 
-from .topology import clear_group_cache
+from .topology import clear_group_cache, created_groups
 
-# How long the GIL is released before the groups are destroyed. A worker needs it only for a moment; the margin
+# How long the GIL is released before groups are destroyed. A worker needs it only for a moment; the margin
 # is for a machine where more ranks than cores compete for the CPU.
 SETTLE_S = 0.05
 
@@ -31,8 +42,9 @@ SETTLE_S = 0.05
 def close_process_group(*, wait_for_peers: bool = True, settle_s: float = SETTLE_S) -> None:
     """Destroy the default process group and every group made from it, after all ranks got here.
 
-    `wait_for_peers=False` skips the barrier, for error paths where a peer may be gone (a barrier would then
-    wait for the group's timeout). Does nothing when no group is initialised, so it is safe in `finally`.
+    Optional: ending with `dist.destroy_process_group()` works as well. `wait_for_peers=False` skips the
+    barrier, for error paths where a peer may be gone (a barrier would then wait for the group's timeout).
+    Does nothing when no group is initialised, so it is safe in `finally`.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
@@ -43,13 +55,22 @@ def close_process_group(*, wait_for_peers: bool = True, settle_s: float = SETTLE
     clear_group_cache()  # the cached partition / replication groups died with the default group
 
 
+def release_groups(*, settle_s: float = SETTLE_S) -> None:
+    """Destroy the groups MiCS created, if still registered, and forget them; the default group is left alone."""
+    time.sleep(settle_s)
+    if dist.is_available() and dist.is_initialized():
+        for pg in created_groups():
+            if dist.distributed_c10d._world.pg_map.get(pg) is not None:  # not already destroyed by the user
+                dist.destroy_process_group(pg)
+    clear_group_cache()
+
+
 _registered = False
 
 
-def close_at_exit() -> None:
-    """Make the interpreter close the groups on exit, while it can still run their destructors, if the script
-    has not closed them itself. No barrier there: after an error a peer may be gone or stuck in a collective."""
+def release_at_exit() -> None:
+    """Make the interpreter release MiCS's groups on exit, while their destructors can still run safely."""
     global _registered
     if not _registered:
-        atexit.register(close_process_group, wait_for_peers=False)
+        atexit.register(release_groups)
         _registered = True

@@ -263,6 +263,11 @@ def create_process_groups(topology: Topology) -> ProcessGroups:
     return ProcessGroups(partition=partition, replication=replication, intra_node=intra, inter_node=inter)
 
 
+def created_groups() -> list[dist.ProcessGroup]:
+    """The groups MiCS made with new_group (never the default group), newest first, for teardown."""
+    return list(reversed(_GROUP_CACHE.values()))
+
+
 def clear_group_cache() -> None:
     """Forget cached groups (after destroy_process_group, e.g. in tests that re-initialise)."""
     _GROUP_CACHE.clear()
