@@ -3,7 +3,8 @@
 #
 # Locked (the default): .venv gets exactly requirements-lock.txt (refresh it with scripts/lock.sh), so a
 # dependency's new release cannot change what the suite runs on. MICS_UNLOCKED=1: .venv-unlocked gets the newest
-# releases that satisfy pyproject.toml's floors, to see what a new release would break.
+# releases that satisfy pyproject.toml's floors, to see what a new release would break; torch stays the CPU build
+# of MICS_TORCH_VERSION (default 2.13.0), since the newest torch on PyPI is the multi-GB CUDA build.
 # Either way torch is installed FIRST as its CPU build: resolving torch through transformers/accelerate would
 # pull the multi-GB CUDA build.
 set -euo pipefail
@@ -33,8 +34,11 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     [ -x "$PY" ] || python3 -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     if [ "${MICS_UNLOCKED:-0}" = "1" ]; then
-        "$PY" -c "import torch" >/dev/null 2>&1 || _install_torch "torch==${MICS_TORCH_VERSION:-2.13.0}"
-        _quiet "$PY" -m pip install -q --upgrade --upgrade-strategy eager -e "$ROOT[recipes,test]"
+        "$PY" -c "import importlib.metadata as m; m.version('torch')" >/dev/null 2>&1 || _install_torch "torch==${MICS_TORCH_VERSION:-2.13.0}"
+        # hold the CPU build just installed: an eager upgrade would otherwise swap in the newest CUDA build
+        held="$(mktemp)"; "$PY" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > "$held"
+        _quiet "$PY" -m pip install -q --upgrade --upgrade-strategy eager -c "$held" -e "$ROOT[recipes,test]"
+        rm -f "$held"
     else
         _install_torch "$(grep -E '^torch==' "$LOCK")"
         # --no-deps: the lock lists every dependency, so pip installs exactly these and resolves nothing
