@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mics_hf  # noqa: E402
 from common.data import PackedBlocks, get_tokenizer, text_stream  # noqa: E402
 from mics_hf import MiCSTrainer, MiCSTrainingArguments  # noqa: E402
-from mics_hf.flops import tflops_per_gpu  # noqa: E402
-from mics_hf.presets import build_config, get_preset, model_class  # noqa: E402
+from mics_hf.planning.flops import tflops_per_gpu  # noqa: E402
+from mics_hf.planning.presets import build_config, get_preset, model_class  # noqa: E402
 
 
 @dataclass
@@ -121,7 +121,7 @@ def main() -> None:
     trainer.save_model()  # full weights, the normal Hugging Face layout
     if trainer.is_world_process_zero():
         print(f"metrics (JSONL): {out / 'metrics.jsonl'}   model: {out}   MiCS: {mics_hf.is_sharded(trainer.model)}")
-    mics_hf.close_process_group()  # leave together, then close the group (see mics_hf.teardown)
+    mics_hf.close_process_group()  # leave together, then close the group (see mics_hf.engine.teardown)
 
 
 if __name__ == "__main__":

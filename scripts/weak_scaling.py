@@ -21,7 +21,7 @@ is a like-for-like speed-up.
 
 The three strategies are the same recipe script under three Accelerate configs:
 
-    mics   mics_hf, partition group p (default: the smallest that fits, chosen by mics_hf.costmodel.plan),
+    mics   mics_hf, partition group p (default: the smallest that fits, chosen by mics_hf.planning.costmodel.plan),
            hierarchical all-gather when the group spans nodes, two-hop gradient synchronisation
     zero3  mics_hf with p = world and flat collectives: ZeRO-3's partitioning and communication
     hsdp   Accelerate's own FSDP2 on a 2-D mesh (replicate x shard) with the shard group = MiCS's p: the public
@@ -50,8 +50,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from mics_hf import costmodel
-from mics_hf.presets import PRESETS, get_preset
+from mics_hf.planning import costmodel
+from mics_hf.planning.presets import PRESETS, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = "slurm/pretrain.sbatch"  # relative to the repository root, where command.sh submits from
@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="write one run directory per (strategy, nodes) and print the sweep",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    plan.add_argument("--preset", default="gpt2-10b", choices=sorted(PRESETS), help="model shape (mics_hf.presets)")
+    plan.add_argument("--preset", default="gpt2-10b", choices=sorted(PRESETS), help="model shape (mics_hf.planning.presets)")
     plan.add_argument("--cluster", default="p4d", choices=sorted(CLUSTER_NAMES), help="AWS instance type")
     plan.add_argument("--nodes", type=parse_nodes, default=parse_nodes("1,2,4,8,16,32,64"),
                       help="comma-separated node counts")
@@ -607,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--out", required=True, help="the sweep directory plan wrote")
         p.add_argument("--warmup_steps", type=int, default=5, help="leading steps left out of the medians")
-        p.add_argument("--predict", action="store_true", help="add the cost model's predictions (mics_hf.costmodel)")
+        p.add_argument("--predict", action="store_true", help="add the cost model's predictions (mics_hf.planning.costmodel)")
         p.set_defaults(func=func)
     return parser
 

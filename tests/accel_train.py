@@ -64,7 +64,7 @@ def main() -> None:
         acc.save_model(model, args.out + "_saved")
     report = {
         "mics": acc.mics_enabled and mics_hf.is_sharded(model),
-        "hop2": mics_hf.stats.num_hop2(model) if mics_hf.is_sharded(model) else None,
+        "hop2": mics_hf.engine.stats.num_hop2(model) if mics_hf.is_sharded(model) else None,
         "world": acc.num_processes,
         "distributed_type": str(acc.distributed_type),
         "losses": losses,

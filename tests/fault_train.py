@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mics_hf  # noqa: E402
-import mics_hf.checkpoint  # noqa: E402
+import mics_hf.checkpoint.save  # noqa: E402
 from models import global_batches, tiny_gpt2  # noqa: E402
 
 ACCUM = 2
@@ -70,7 +70,7 @@ def arm_kill_during_save(rank: int) -> dict[str, bool]:
     to get there first (it needs nothing more from them once it has their file lists).
     """
     armed = {"on": False}
-    publish, all_ok = mics_hf.checkpoint._publish, mics_hf.checkpoint._all_ok
+    publish, all_ok = mics_hf.checkpoint.save._publish, mics_hf.checkpoint.save._all_ok
 
     def dying_publish(tmp, final, root):
         if armed["on"]:
@@ -85,8 +85,8 @@ def arm_kill_during_save(rank: int) -> dict[str, bool]:
             die()
         return all_ok(ok, what, error)
 
-    mics_hf.checkpoint._publish = dying_publish
-    mics_hf.checkpoint._all_ok = dying_all_ok
+    mics_hf.checkpoint.save._publish = dying_publish
+    mics_hf.checkpoint.save._all_ok = dying_all_ok
     return armed
 
 

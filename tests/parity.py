@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 import mics_hf
-from mics_hf.shard import get_state
-from mics_hf.state_dict import gather_full_param
+from mics_hf.engine.shard import get_state
+from mics_hf.checkpoint.state_dict import gather_full_param
 from models import global_batches, tiny_bert, tiny_gpt2
 
 BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {"gpt2": tiny_gpt2, "bert": tiny_bert}
@@ -121,6 +121,6 @@ def run_parity(
         "param_diff": max(rel_diff(full[k], ref_sd[k]) for k in ref_sd),
         "loss_diff": max(loss_diffs),
         "grad_diff": grad_diff,
-        "hop2": mics_hf.stats.num_hop2(net),
+        "hop2": mics_hf.engine.stats.num_hop2(net),
         "norm_diff": max(norm_diffs),
     }

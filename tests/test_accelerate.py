@@ -94,7 +94,7 @@ def test_every_shipped_yaml_parses_with_accelerate_and_ours(config):
     from accelerate.commands.config.config_args import ClusterConfig
 
     from mics_hf import MiCSConfig
-    from mics_hf.integrations.config import read_accelerate_config
+    from mics_hf.integrations.settings import read_accelerate_config
 
     ClusterConfig.from_yaml_file(str(config))  # Accelerate's own loader accepts it unchanged
     raw, block = read_accelerate_config(config)
@@ -129,7 +129,7 @@ def _yaml(tmp_path: Path, body: str) -> Path:
 def test_bad_yaml_is_refused_by_our_reader(tmp_path, body, message):
     import re
 
-    from mics_hf.integrations.config import read_accelerate_config
+    from mics_hf.integrations.settings import read_accelerate_config
 
     with pytest.raises(ValueError) as info:
         read_accelerate_config(_yaml(tmp_path, body))
@@ -176,7 +176,7 @@ def test_bad_yaml_fails_under_accelerate_launch_before_training(tmp_path):
 def test_launching_config_is_found_from_the_parent_command_line(tmp_path):
     """Workers find the file on the command line of the `accelerate launch` above them (relative paths too)."""
     config = _yaml(tmp_path, "distributed_type: MULTI_GPU\nnum_processes: 2\n")
-    child = "from mics_hf.integrations.config import find_launching_accelerate_config as f; print(f())"
+    child = "from mics_hf.integrations.settings import find_launching_accelerate_config as f; print(f())"
     parent = f"import subprocess; subprocess.run([{sys.executable!r}, '-c', {child!r}])"  # argv[0] is faked below
     fake_accelerate = str(tmp_path / "bin" / "accelerate")
     script = f'exec -a {fake_accelerate} {sys.executable} -c "{parent}" launch --config_file bad.yaml train.py'

@@ -33,7 +33,7 @@ def _api_checks(rank: int, world: int) -> dict:
     ref_gen = ref.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
     out["generate_equal"] = torch.equal(gen, ref_gen)
     # nothing stays gathered after inference
-    state = mics_hf.shard.get_state(net)
+    state = mics_hf.engine.shard.get_state(net)
     out["gathered_after_eval"] = sum(sp.unsharded.untyped_storage().size() > 0 for _, g in state.units for sp in g.params)
     return out
 
@@ -62,7 +62,7 @@ def test_shards_partition_every_parameter_exactly(pools):
 
 def _group_timeouts(rank: int, world: int) -> list[float]:
     net = mics_hf.shard_model(tiny_gpt2(), mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
-    groups = mics_hf.shard.get_state(net).units[-1][1].groups
+    groups = mics_hf.engine.shard.get_state(net).units[-1][1].groups
     return [g.pg._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in (groups.partition, groups.replication)]
 
 
@@ -75,8 +75,8 @@ def test_process_groups_inherit_the_world_timeout(pools):
 def test_default_units_are_the_transformer_layers_for_both_families():
     """RobertaPreLayerNorm's _no_split_modules names attention and embeddings only; the default must still pick
     whole layers, so no FFN weight ends up in the root unit (gathered for the whole step)."""
-    from mics_hf.presets import build_config, get_preset, model_class
-    from mics_hf.shard import get_state
+    from mics_hf.planning.presets import build_config, get_preset, model_class
+    from mics_hf.engine.shard import get_state
 
     for name, layer in (("tiny", "GPT2Block"), ("tiny-bert", "RobertaPreLayerNormLayer")):
         preset = get_preset(name)

@@ -9,8 +9,8 @@ import torch
 
 import mics_hf
 from distributed import DistPool
-from mics_hf.shard import get_state
-from mics_hf.state_dict import gather_full_param
+from mics_hf.engine.shard import get_state
+from mics_hf.checkpoint.state_dict import gather_full_param
 from models import global_batches, tiny_gpt2
 
 ACCUM = 2
@@ -121,7 +121,7 @@ def test_resharding_matrix(pools, tmp_path):
 def _writers(rank: int, world: int, *, root: str) -> list[str]:
     net, opt, _ = _make(world, 2, 2, dropout=0.0)
     path = mics_hf.save_checkpoint(root, net, opt, step=0)
-    meta = mics_hf.checkpoint.read_metadata(path)
+    meta = mics_hf.checkpoint.format.read_metadata(path)
     return sorted(f["file"] for f in meta["files"] if f["kind"] == "shard")
 
 
@@ -130,8 +130,8 @@ def test_each_shard_is_written_once_by_different_partition_groups(pools, tmp_pat
     files = pools(8).run(_writers, root=str(root))[0]
     assert files == ["shard-q0000.safetensors", "shard-q0001.safetensors"]  # p = 2 positions, not 8 copies
     # writer of position q is member (q mod r) of its replication group: rank 0 writes q0, rank 3 writes q1
-    assert mics_hf.checkpoint._writer_of(0, mics_hf.topology.build_topology(world_size=8, rank=0, node_of_rank=(0, 0, 1, 1, 2, 2, 3, 3), partition_size=2)) == 0
-    assert mics_hf.checkpoint._writer_of(1, mics_hf.topology.build_topology(world_size=8, rank=0, node_of_rank=(0, 0, 1, 1, 2, 2, 3, 3), partition_size=2)) == 3
+    assert mics_hf.checkpoint.save._writer_of(0, mics_hf.engine.topology.build_topology(world_size=8, rank=0, node_of_rank=(0, 0, 1, 1, 2, 2, 3, 3), partition_size=2)) == 0
+    assert mics_hf.checkpoint.save._writer_of(1, mics_hf.engine.topology.build_topology(world_size=8, rank=0, node_of_rank=(0, 0, 1, 1, 2, 2, 3, 3), partition_size=2)) == 3
 
 
 # ---- export ---------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_rng_states_round_trip_without_pickle():
 
     import numpy as np
 
-    from mics_hf.rng import capture_rng, restore_rng
+    from mics_hf.checkpoint.rng import capture_rng, restore_rng
 
     random.seed(3)
     np.random.seed(4)

@@ -38,7 +38,7 @@ import pytest
 import torch
 
 import mics_hf
-from mics_hf.checkpoint import CheckpointError
+from mics_hf.checkpoint.format import CheckpointError
 from models import global_batches, tiny_bert, tiny_gpt2
 
 
@@ -166,7 +166,7 @@ def _case(rank: int, world: int, *, case: str, root: str) -> str:
                 raise _Rank0Only()
             mics_hf.export_checkpoint(ckpt, f)
         elif case == "disk_full_on_one_rank":
-            import mics_hf.checkpoint as C
+            import mics_hf.checkpoint.save as C
 
             saved = C.save_file
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mics_hf import MiCSConfig
-from mics_hf.api import VALID_CONFIG_KEYS
+from mics_hf.config import VALID_CONFIG_KEYS
 
 
 @pytest.mark.parametrize(

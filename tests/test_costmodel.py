@@ -1,7 +1,7 @@
 """The analytic cost model: its primitives by hand, the planner, bad input, and the paper's headline figures.
 
 The headline checks compare the model with the MiCS paper's headline numbers within
-15%. The model's constants come from public measurements, not from these claims (see mics_hf.costmodel's
+15%. The model's constants come from public measurements, not from these claims (see mics_hf.planning.costmodel's
 docstring); where the honest model misses a claim, the test is a strict xfail whose reason carries the predicted
 value, so a change that moves the prediction shows up as an XPASS failure instead of passing silently.
 
@@ -24,7 +24,7 @@ import dataclasses
 
 import pytest
 
-from mics_hf.costmodel import (
+from mics_hf.planning.costmodel import (
     BASE_LATENCY_S,
     CLUSTERS,
     COMPUTE_EFFICIENCY,
@@ -42,8 +42,8 @@ from mics_hf.costmodel import (
     valid_partition_sizes,
     weak_scaling,
 )
-from mics_hf.costmodel import _shape
-from mics_hf.presets import count_parameters, get_preset
+from mics_hf.planning.costmodel import _shape
+from mics_hf.planning.presets import count_parameters, get_preset
 
 P4D, P4DE, P3DN = "p4d.24xlarge", "p4de.24xlarge", "p3dn.24xlarge"
 TOLERANCE = 0.15

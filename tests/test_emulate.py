@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from mics_hf.emulate import EmulatedCluster, EmulationUnavailable, measure_all_gather
+from mics_hf.emulation.cluster import EmulatedCluster, EmulationUnavailable, measure_all_gather
 
 pytestmark = pytest.mark.slow
 
@@ -102,8 +102,8 @@ def test_training_runs_on_the_emulated_cluster_put_the_booked_bytes_on_the_wire(
     """MiCS (p = k) and ZeRO-3 (p = world) train the same model to the same loss on 2 emulated nodes, and each
     node's link carries what the engine's ring-model accounting books for the ranks of that node (gloo's
     reduce-scatter at twice the ring volume), plus TCP/IP framing."""
-    from mics_hf.emulate_scale import FRAME_EFFICIENCY, GLOO_REDUCE_SCATTER_VOLUME, EmulationScale
-    from mics_hf.emulate_sweep import run_config
+    from mics_hf.emulation.scale import FRAME_EFFICIENCY, GLOO_REDUCE_SCATTER_VOLUME, EmulationScale
+    from mics_hf.emulation.sweep import run_config
 
     scale = EmulationScale(hidden=64, layers=2, heads=2, link_mbit=400, grad_accum=2, micro_batch=1)
     runs = {}

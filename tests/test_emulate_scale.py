@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from mics_hf.costmodel import CLUSTERS, predict, unit_parameters
-from mics_hf.emulate_scale import FRAME_EFFICIENCY, EmulationScale
-from mics_hf.emulate_step import _SleptCompute, build_model
-from mics_hf.emulate_sweep import SweepResult, _annotate, check, format_table, plan_runs, plot
+from mics_hf.planning.costmodel import CLUSTERS, predict, unit_parameters
+from mics_hf.emulation.scale import FRAME_EFFICIENCY, EmulationScale
+from mics_hf.emulation.step import _SleptCompute, build_model
+from mics_hf.emulation.sweep import SweepResult, _annotate, check, format_table, plan_runs, plot
 
 
 def test_time_scale_by_hand():
@@ -156,8 +156,8 @@ def test_verdicts_follow_the_numbers(tmp_path):
 
 
 def test_a_recorded_sweep_renders_again_with_the_same_verdicts(tmp_path):
-    from mics_hf.emulate_sweep import main as sweep_main
-    from mics_hf.emulate_sweep import write_report
+    from mics_hf.emulation.sweep import main as sweep_main
+    from mics_hf.emulation.sweep import write_report
 
     result = _synthetic(_steps(mics4=10.5, zero3_4=21.5))
     result.meta.update(command="mics-hf emulate weak-scaling", machine="test", python="3", torch="t",

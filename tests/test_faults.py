@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 import mics_hf
-from mics_hf.checkpoint import read_metadata
+from mics_hf.checkpoint.format import read_metadata
 from launch import family_of, kill_all
 from models import tiny_gpt2
 

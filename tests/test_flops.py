@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mics_hf.flops import (
+from mics_hf.planning.flops import (
     PEAK_TFLOPS,
     megatron_tflops_per_gpu,
     mfu,

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import mics_hf
-from mics_hf.shard import get_state
+from mics_hf.engine.shard import get_state
 from models import global_batches, tiny_gpt2
 
 

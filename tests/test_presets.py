@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from mics_hf.flops import model_state_bytes_per_rank
-from mics_hf.presets import PRESETS, ModelPreset, build_config, count_parameters, get_preset, model_class
+from mics_hf.planning.flops import model_state_bytes_per_rank
+from mics_hf.planning.presets import PRESETS, ModelPreset, build_config, count_parameters, get_preset, model_class
 
 
 def test_gpt_175b_counts_on_meta_quickly():

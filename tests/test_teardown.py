@@ -16,7 +16,7 @@ def _leave(rank: int, world: int, *, port: int, marker: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     import mics_hf
-    from mics_hf import topology
+    from mics_hf.engine import topology
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mics_hf.topology import build_topology, node_map_from_devices_per_node
+from mics_hf.engine.topology import build_topology, node_map_from_devices_per_node
 
 
 def topo(world: int, k: int, p: int | None, rank: int = 0, hierarchical="auto"):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import mics_hf
-from mics_hf.shard import get_state
+from mics_hf.engine.shard import get_state
 from models import global_batches, tiny_gpt2
 
 STEPS = 2
@@ -40,7 +40,7 @@ def _count_calls(rank: int, world: int, *, accum: int, partition_size: int) -> d
     return {
         "per_step": per_step,
         "units": len(state.units),
-        "hop2": mics_hf.stats.num_hop2(net),
+        "hop2": mics_hf.engine.stats.num_hop2(net),
         "leftovers": leftovers,
         "replica_equal": replica_equal,
     }

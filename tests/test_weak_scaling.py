@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mics_hf.integrations.config import read_accelerate_config
+from mics_hf.integrations.settings import read_accelerate_config
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

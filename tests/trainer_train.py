@@ -59,7 +59,7 @@ def main() -> None:
             "world": trainer.args.world_size,
             "log_keys": sorted({k for e in trainer.state.log_history for k in e}),
         }))
-    mics_hf.close_process_group()  # leave together, then close the group (see mics_hf.teardown)
+    mics_hf.close_process_group()  # leave together, then close the group (see mics_hf.engine.teardown)
 
 if __name__ == "__main__":
     main()

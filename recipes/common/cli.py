@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mics_hf.presets import PRESETS, ModelPreset, get_preset
+from mics_hf.planning.presets import PRESETS, ModelPreset, get_preset
 
 OVERRIDES = ("hidden", "layers", "heads", "ffn", "vocab", "seq", "micro_batch")
 

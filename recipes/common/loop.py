@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 import mics_hf
-from mics_hf.presets import ModelPreset
+from mics_hf.planning.presets import ModelPreset
 
 from .metrics import MetricsWriter, StepMetrics, Stopwatch, mean_over_ranks, summary_table
 from .run import print_main, start_trackers

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mics_hf.flops import megatron_tflops_per_gpu, mfu, peak_tflops, tflops_per_gpu
+from mics_hf.planning.flops import megatron_tflops_per_gpu, mfu, peak_tflops, tflops_per_gpu
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from mics_hf.flops import model_state_bytes_per_rank
-from mics_hf.presets import ModelPreset, count_parameters
+from mics_hf.planning.flops import model_state_bytes_per_rank
+from mics_hf.planning.presets import ModelPreset, count_parameters
 
 from .cli import build_parser, output_paths, resolve_preset, split_stream
 from .data import PackedBlocks, mask_tokens
@@ -98,7 +98,7 @@ def build_model(accelerator: Any, preset: ModelPreset, args: argparse.Namespace)
 
     from accelerate import init_empty_weights
 
-    from mics_hf.presets import build_config, model_class
+    from mics_hf.planning.presets import build_config, model_class
 
     meta = init_empty_weights(include_buffers=False) if accelerator.mics_enabled else contextlib.nullcontext()
     with meta:

@@ -1,14 +1,21 @@
 """mics_hf: MiCS (scale-aware partitioning, hierarchical collectives, two-hop gradient sync) for PyTorch and HF."""
 
-from .api import MiCSConfig, MixedPrecisionPolicy
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .collectives import CollectiveError, CommStats
-from .export import consolidate_checkpoint, export_checkpoint, save_pretrained
-from .optim import clip_grad_norm_, grad_scaler
-from .shard import MiCSModule, is_sharded, shard_model
-from .state_dict import full_state_dict
-from .stats import comm_stats, topology_of
-from .teardown import close_process_group
+from .checkpoint import (
+    CheckpointError,
+    consolidate_checkpoint,
+    export_checkpoint,
+    full_state_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_pretrained,
+)
+from .config import MiCSConfig, MixedPrecisionPolicy
+from .engine.collectives import CollectiveError, CommStats
+from .engine.optim import clip_grad_norm_, grad_scaler
+from .engine.shard import MiCSModule, is_sharded, shard_model
+from .engine.stats import comm_stats, topology_of
+from .engine.teardown import close_process_group
 
 __all__ = [
     "MiCSConfig",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .topology import build_topology, node_map_from_devices_per_node
+from .engine.topology import build_topology, node_map_from_devices_per_node
 
 
 def _topology(args: argparse.Namespace) -> int:
@@ -26,7 +26,7 @@ def _topology(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .checkpoint.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out_dir, tokenizer=args.tokenizer)
     print(f"wrote a Hugging Face model directory to {out}")
@@ -34,14 +34,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .costmodel import format_plan, plan
+    from .planning.costmodel import format_plan, plan
 
     print(format_plan(plan(args.model, args.cluster, args.nodes, grad_accum=args.grad_accum, seq=args.seq)))
     return 0
 
 
 def _emulate(args: argparse.Namespace) -> int:
-    from .emulate import EmulationUnavailable, check_available
+    from .emulation.cluster import EmulationUnavailable, check_available
 
     try:
         check_available()  # before any work: not root, or no iproute2
@@ -50,14 +50,14 @@ def _emulate(args: argparse.Namespace) -> int:
     if args.what == "all-gather":
         import json
 
-        from .emulate import measure_all_gather
+        from .emulation.cluster import measure_all_gather
 
         for hierarchical in (False, True):
             print(json.dumps(measure_all_gather(args.nodes[-1], args.ranks_per_node, args.megabytes, args.link_mbit,
                                                 hierarchical, calibrate=not hierarchical)))
         return 0
-    from .emulate_scale import EmulationScale
-    from .emulate_sweep import check, format_table, sweep, write_report
+    from .emulation.scale import EmulationScale
+    from .emulation.sweep import check, format_table, sweep, write_report
 
     scale = EmulationScale(instance=args.instance, model=args.model, hidden=args.hidden, layers=args.layers,
                            heads=args.heads, micro_batch=args.micro_batch, link_mbit=args.link_mbit,
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     emulate = sub.add_parser(
         "emulate", help="emulated cluster on this machine (root): weak-scaling sweep or one all-gather's link bytes",
         description="Network namespaces as nodes, tbf-shaped links, compute slept by the scaling rule of "
-                    "mics_hf.emulate_scale; everything created is removed on exit.")
+                    "mics_hf.emulation.scale; everything created is removed on exit.")
     emulate.add_argument("what", choices=("weak-scaling", "all-gather"))
     emulate.add_argument("--nodes", type=_node_list, default=[1, 2, 4], help="node counts, e.g. 1,2,4")
     emulate.add_argument("--ranks-per-node", type=int, default=2)

@@ -18,15 +18,15 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 
-from ..api import MiCSConfig
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..optim import clip_grad_norm_ as mics_clip_grad_norm_
-from ..shard import get_state, is_sharded, shard_model, sharded_param_for
-from ..state_dict import full_state_dict
-from ..stats import comm_stats
-from ..teardown import close_process_group
-from ..topology import build_topology, node_map_from_devices_per_node
-from .config import MiCSSettings, launcher_devices_per_node, resolve_mics_settings
+from ..checkpoint.state_dict import full_state_dict
+from ..config import MiCSConfig
+from ..engine.optim import clip_grad_norm_ as mics_clip_grad_norm_
+from ..engine.shard import get_state, is_sharded, shard_model, sharded_param_for
+from ..engine.stats import comm_stats
+from ..engine.teardown import close_process_group
+from ..engine.topology import build_topology, node_map_from_devices_per_node
+from .settings import MiCSSettings, launcher_devices_per_node, resolve_mics_settings
 
 __all__ = ["MiCSAccelerator"]
 
@@ -68,7 +68,7 @@ class MiCSAccelerator(Accelerator):
         self.mics_settings: MiCSSettings | None = settings
         self.mics_config: MiCSConfig | None = self._build_config(settings) if settings is not None else None
         if self.mics_config is not None and self.mixed_precision == "fp16" and self.scaler is not None:
-            from ..optim import sharded_grad_scaler
+            from ..engine.optim import sharded_grad_scaler
 
             self.scaler = sharded_grad_scaler(self.device.type)
 
@@ -251,7 +251,7 @@ class MiCSAccelerator(Accelerator):
     # ---- end ------------------------------------------------------------------------------------------
     def end_training(self) -> None:
         """Finish the trackers, then leave together and close the process group (Accelerate's own version
-        destroys it at once, which can hang or abort a gloo rank at exit; see mics_hf.teardown)."""
+        destroys it at once, which can hang or abort a gloo rank at exit; see mics_hf.engine.teardown)."""
         for tracker in self.trackers:
             tracker.finish()
         if not getattr(self.state, "fork_launched", False):  # a notebook launch keeps its group, as in Accelerate

@@ -23,11 +23,12 @@ import transformers
 from transformers import Trainer, TrainingArguments
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
-from ..shard import get_state, is_sharded
-from ..state_dict import full_state_dict
+from ..checkpoint.state_dict import full_state_dict
+from ..engine.shard import get_state, is_sharded
+from ..engine.topology import require_divides
 from .accelerate import MiCSAccelerator
 from .accelerate import _unwrap_optimizer as _raw
-from .config import MiCSSettings, parse_mics_value, resolve_mics_settings
+from .settings import MiCSSettings, parse_mics_value, resolve_mics_settings
 
 __all__ = ["MiCSTrainingArguments", "MiCSTrainer", "MICS_CHECKPOINT_SUBDIR"]
 
@@ -71,11 +72,8 @@ class MiCSTrainingArguments(TrainingArguments):
             settings = MiCSSettings(parse_mics_value(self.mics, what="--mics"), "--mics")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         p = settings.get("partition_size")
-        if p is not None and world % p != 0:
-            valid = [d for d in range(1, world + 1) if world % d == 0]
-            raise ValueError(
-                f"--mics partition_size={p} does not divide the world size {world}; partition sizes that divide it: {valid}"
-            )
+        if p is not None:
+            require_divides("--mics partition_size", p, world, f"the world size {world}", choices="partition sizes that divide it:")
         return settings
 
     @property

@@ -24,8 +24,8 @@ shared by 4 ranks (and by other people's jobs) absolute times move a lot between
 the same run mean anything.
 
 Usage:
-    python scripts/bench_checkpoint.py --quick      # ~20M-parameter GPT-2, smoke test
-    python scripts/bench_checkpoint.py --record     # GPT-2 small (124M), writes benchmarks/checkpoint_<date>.md/.json
+    python benchmarks/bench_checkpoint.py --quick      # ~20M-parameter GPT-2, smoke test
+    python benchmarks/bench_checkpoint.py --record     # GPT-2 small (124M), writes benchmarks/checkpoint_<date>.md/.json
 """
 
 from __future__ import annotations
@@ -58,13 +58,22 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from bench_common import (  # noqa: E402
+    add_layout_args,
+    add_run_args,
+    fork_ranks,
+    gpt2_config,
+    machine_info,
+    parse_layout,
+    write_record,
+)
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import mics_hf  # noqa: E402
-from bench_common import command_line, fork_ranks, machine_info  # noqa: E402
-from mics_hf.checkpoint import METADATA, _writer_of  # noqa: E402  (which rank writes which shard file)
-from mics_hf.shard import get_state  # noqa: E402  (the ShardedParams, for the checksums and the optimizer gather)
-from mics_hf.state_dict import gather_full_param  # noqa: E402
+from mics_hf.checkpoint.format import METADATA
+from mics_hf.checkpoint.save import _writer_of  # noqa: E402  (which rank writes which shard file)
+from mics_hf.checkpoint.state_dict import gather_full_param  # noqa: E402
+from mics_hf.engine.shard import get_state  # noqa: E402  (the ShardedParams, for the checksums and the optimizer gather)
 
 BYTES_PER_PARAM = 12  # fp32 parameter + AdamW exp_avg + exp_avg_sq
 
@@ -93,41 +102,28 @@ class Options:
     tmp_root: str
 
     def gpt2_config(self) -> GPT2Config:
-        return GPT2Config(
-            vocab_size=self.vocab, n_positions=self.n_positions, n_embd=self.n_embd, n_layer=self.n_layer,
-            n_head=self.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            bos_token_id=self.vocab - 1, eos_token_id=self.vocab - 1,
+        return gpt2_config(
+            vocab=self.vocab, n_positions=self.n_positions, n_embd=self.n_embd, n_layer=self.n_layer, n_head=self.n_head
         )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--nproc", type=int, default=4, help="ranks (CPU processes, gloo)")
-    ap.add_argument("--devices-per-node", type=int, default=2, help="k: ranks per emulated node")
-    ap.add_argument("--partition-sizes", default="2,4", help="partition sizes p, comma-separated; each checkpoint "
-                    "is also loaded at every other p (resharding)")
+    add_layout_args(ap, partition_sizes="2,4", help="partition sizes p, comma-separated; each checkpoint is also "
+                    "loaded at every other p (resharding)")
     ap.add_argument("--n-embd", type=int, default=768)
     ap.add_argument("--n-layer", type=int, default=12)
     ap.add_argument("--n-head", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--n-positions", type=int, default=1024)
     ap.add_argument("--seq", type=int, default=8, help="tokens of the one tiny training step (batch 1 per rank)")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout-s", type=float, default=600.0, help="process-group timeout: a hang fails, never blocks")
+    add_run_args(ap, kind="checkpoint", timeout_s=600.0)
     ap.add_argument("--tmp-dir", default=None, help="parent of the scratch directory (default: the system temp dir)")
     ap.add_argument("--quick", action="store_true", help="smoke test: GPT-2 with n_embd 256, n_layer 6 (~18M params)")
-    ap.add_argument("--record", action="store_true", help="write benchmarks/checkpoint_<date>.md and .json")
-    ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks", help="where --record writes")
     ns = ap.parse_args(argv)
     if ns.quick:
         ns.n_embd, ns.n_layer, ns.n_head = 256, 6, 8
-    sizes = tuple(int(s) for s in ns.partition_sizes.split(",") if s.strip())
-    if ns.nproc % ns.devices_per_node:
-        ap.error(f"--devices-per-node {ns.devices_per_node} must divide --nproc {ns.nproc}")
-    bad = [p for p in sizes if p < 1 or ns.nproc % p]
-    if bad or not sizes:
-        ap.error(f"every partition size must divide --nproc {ns.nproc}; got {sizes}")
+    sizes = parse_layout(ap, ns)
     opts = Options(
         nproc=ns.nproc, devices_per_node=ns.devices_per_node, partition_sizes=sizes, n_embd=ns.n_embd,
         n_layer=ns.n_layer, n_head=ns.n_head, vocab=ns.vocab, n_positions=ns.n_positions, seq=ns.seq, lr=ns.lr,
@@ -518,63 +514,28 @@ def config_lines(opts: Options, params: int, tmp_parent: str) -> list[str]:
 
 def record(opts: Options, summary: dict[str, Any], info: dict[str, Any], out_dir: Path, wall_s: float,
            params: int, tmp_parent: str, errors: list[str]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    date = datetime.date.today().isoformat()
-    stem, n = f"checkpoint_{date}", 2
-    while (out_dir / f"{stem}.md").exists() or (out_dir / f"{stem}.json").exists():
-        stem, n = f"checkpoint_{date}_{n}", n + 1
-    md = [
-        f"# Checkpoint benchmark, {date}",
-        "",
-        "Only the ratios in this file are meaningful, and only within this run: absolute times on this shared "
+    return write_record(
+        out_dir, "checkpoint", title="Checkpoint benchmark", info=info, wall_s=wall_s, errors=errors,
+        intro="Only the ratios in this file are meaningful, and only within this run: absolute times on this shared "
         "2-core machine move a lot between runs.",
-        "",
-        "## Command",
-        "",
-        "```bash",
-        command_line(),
-        "```",
-        "",
-        "## Machine and versions",
-        "",
-        f"- CPUs: {info['cpu_count']} ({info['processor']}), no GPU; {info['platform']}",
-        f"- python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, safetensors "
-        f"{info['safetensors']}, mics_hf {info['mics_hf']} (commit {info['mics_hf_commit']})",
-        f"- wall time of the run: {wall_s:.0f} s",
-        "",
-        "## Config",
-        "",
-        *config_lines(opts, params, tmp_parent),
-        "",
-        "## Results",
-        "",
-        *render_table(opts, summary),
-        "",
-        "check: a layout-independent checksum of parameters, both Adam moments and step counts after the load equals "
-        "the one taken before the save.",
-        "",
-        "## Ratios (same run)",
-        "",
-        *render_ratios(summary),
-        "",
-        "## Bytes written, as the kernel counts them",
-        "",
-        *render_io(opts, summary),
-        "",
-        "## Notes",
-        "",
-        *[f"- {note}" for note in NOTES],
-        "",
-    ]
-    if errors:
-        md += ["## Errors", "", "```", *errors, "```", ""]
-    (out_dir / f"{stem}.md").write_text("\n".join(md))
-    payload = {
-        "date": date, "command": command_line(), "machine": info, "config": dataclasses.asdict(opts) | {"tmp_root": tmp_parent},
-        "model_parameters": params, "wall_s": wall_s, **summary, "errors": errors,
-    }
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return out_dir / f"{stem}.md"
+        versions=("python", "torch", "transformers", "safetensors"),
+        sections=[
+            ("Config", config_lines(opts, params, tmp_parent)),
+            ("Results", [
+                *render_table(opts, summary),
+                "",
+                "check: a layout-independent checksum of parameters, both Adam moments and step counts after the load "
+                "equals the one taken before the save.",
+            ]),
+            ("Ratios (same run)", render_ratios(summary)),
+            ("Bytes written, as the kernel counts them", render_io(opts, summary)),
+            ("Notes", [f"- {note}" for note in NOTES]),
+        ],
+        payload={
+            "config": dataclasses.asdict(opts) | {"tmp_root": tmp_parent}, "model_parameters": params,
+            "wall_s": wall_s, **summary, "errors": errors,
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     state = get_state(model)
     norm_type = float(norm_type)
     grads = [sp.sharded.grad for _, g in state.units for sp in g.params if sp.sharded.grad is not None]
-    device = state.root_group.device
-    dtype = state.root_group.grad_flat.dtype  # the master dtype: float32, or float64 for a float64 model
+    device = state.root_unit.device
+    dtype = state.root_unit.grad_flat.dtype  # the master dtype: float32, or float64 for a float64 model
     if norm_type == math.inf:
         local = max((g.detach().abs().max() for g in grads if g.numel()), default=torch.zeros((), device=device))
         total = local.to(device=device, dtype=dtype).clone()
@@ -51,7 +51,7 @@ def grad_scaler(model: nn.Module, *, init_scale: float = 2.0**16, growth_interva
     ShardedGradScaler all-reduces its found-inf flag across the world, which is exactly what MiCS shards need.
     """
     return sharded_grad_scaler(
-        get_state(model).root_group.device.type, init_scale=init_scale, growth_interval=growth_interval, enabled=enabled
+        get_state(model).root_unit.device.type, init_scale=init_scale, growth_interval=growth_interval, enabled=enabled
     )
 
 

@@ -1,7 +1,7 @@
 """One rank of an emulated training run: the reduced model, slept compute, and one of three sharding strategies.
 
-Run by ``emulate_sweep`` inside a node's namespace as ``python -m mics_hf.emulate_step --strategy ...``; it
-speaks the phase protocol of ``mics_hf.emulate`` (one phase, "steps": warm-up steps, then the timed ones).
+Run by ``emulate_sweep`` inside a node's namespace as ``python -m mics_hf.emulation.step --strategy ...``; it
+speaks the phase protocol of ``mics_hf.emulation.cluster`` (one phase, "steps": warm-up steps, then the timed ones).
 
 Strategies (fp32 parameters and gradient reduction, see the scaling rule; AdamW; ``grad_accum`` micro-steps):
 - ``mics``: ``shard_model`` with partition size p; hierarchical collectives when p spans nodes; hop 2 once per
@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .emulate import PhaseWorker
-from .emulate_scale import EmulationScale
-from .presets import build_config, model_class, unit_class_name
-from .teardown import close_process_group
+from ..engine.teardown import close_process_group
+from ..planning.presets import build_config, model_class, unit_class_name
+from .cluster import PhaseWorker
+from .scale import EmulationScale
 
 STRATEGIES = ("mics", "zero3", "hsdp")
 
@@ -91,8 +91,8 @@ def build_model(scale: EmulationScale) -> tuple[nn.Module, list[nn.Module]]:
 def _shard(model: nn.Module, layers: list[nn.Module], strategy: str, p: int, k: int) -> nn.Module:
     world = dist.get_world_size()
     if strategy in ("mics", "zero3"):
-        from .api import MiCSConfig
-        from .shard import shard_model
+        from ..config import MiCSConfig
+        from ..engine.shard import shard_model
 
         config = MiCSConfig(
             partition_size=world if strategy == "zero3" else p, devices_per_node=k,
@@ -123,7 +123,7 @@ def _micro_step_context(model: nn.Module, strategy: str, last: bool):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mics_hf.emulate_step")
+    parser = argparse.ArgumentParser(prog="python -m mics_hf.emulation.step")
     parser.add_argument("--strategy", choices=STRATEGIES, required=True)
     parser.add_argument("--partition-size", type=int, required=True)
     parser.add_argument("--scale", required=True, help="EmulationScale fields as JSON")
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 step()
 
         PhaseWorker().run("steps", timed, warmup=warmup, barrier=dist.barrier)
-        close_process_group()  # leave together, then close (see mics_hf.teardown)
+        close_process_group()  # leave together, then close (see mics_hf.engine.teardown)
     finally:
         close_process_group(wait_for_peers=False)  # an error path: a peer may be gone
 
@@ -184,7 +184,7 @@ def _engine_counters(model: nn.Module, strategy: str) -> dict[str, dict]:
     thread waited per op. MiCS engine only: FSDP2 keeps no such count."""
     if strategy == "hsdp":
         return {"bytes": {}, "wait_seconds": {}}
-    from .stats import comm_stats
+    from ..engine.stats import comm_stats
 
     stats = comm_stats(model)
     return {"bytes": {f"{op}/{link}": v for (op, link), v in stats.bytes.items()},

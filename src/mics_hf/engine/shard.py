@@ -16,12 +16,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .api import MiCSConfig
-from .collectives import CommStats, Group
-from .param_group import CommGroups, CommStreams, ParamGroup, ShardedParam
-from .state import MiCSState
+from ..config import MiCSConfig
+from .collectives import CommGroup, CommStats
+from .hooks import MiCSState
 from .teardown import release_at_exit
-from .topology import Topology, build_topology, create_process_groups, node_map_from_devices_per_node
+from .topology import (
+    Topology,
+    build_topology,
+    create_process_groups,
+    node_map_from_devices_per_node,
+    require_divides,
+    world_and_rank,
+)
+from .unit import CommStreams, ShardedParam, ShardedUnit, UnitGroups
 
 __all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state"]
 
@@ -94,12 +101,6 @@ def get_state(model: nn.Module) -> MiCSState:
     return getattr(model, _STATE_ATTR)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def _discover_node_map(world_size: int) -> tuple[int, ...]:
     """Group ranks into nodes by host name (one all_gather_object); validated by build_topology."""
     if world_size == 1:
@@ -134,11 +135,10 @@ def _validate_before_collectives(model: nn.Module, config: MiCSConfig, world_siz
             f"parameters {meta[:3]}... are on the meta device and {type(model).__name__} has neither `_init_weights` "
             "(Hugging Face models) nor `reset_parameters` on its modules; materialise the model before sharding"
         )
-    if config.partition_size is not None and world_size % config.partition_size != 0:
-        valid = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ValueError(
-            f"partition_size={config.partition_size} does not divide the world size {world_size}; "
-            f"partition sizes that divide it: {valid}"
+    if config.partition_size is not None:
+        require_divides(
+            "partition_size", config.partition_size, world_size, f"the world size {world_size}",
+            choices="partition sizes that divide it:",
         )
     if config.node_of_rank is not None and len(config.node_of_rank) != world_size:
         raise ValueError(
@@ -292,22 +292,22 @@ def _materialise_unit(model: nn.Module, unit: nn.Module, entries: list, other_un
     return fresh
 
 
-def _comm_groups(topology: Topology) -> CommGroups:
+def _comm_groups(topology: Topology) -> UnitGroups:
     pgs = create_process_groups(topology)
     if topology.world_size > 1:
         release_at_exit()  # MiCS's own groups die at exit while that is safe; the user's group is theirs
     r = topology.rank
     nodes = topology.node_of_rank
-    partition = Group.make("partition", topology.partition_group, pgs.partition, nodes, r)
-    replication = Group.make("replication", topology.replication_group, pgs.replication, nodes, r)
+    partition = CommGroup.make("partition", topology.partition_group, pgs.partition, nodes, r)
+    replication = CommGroup.make("replication", topology.replication_group, pgs.replication, nodes, r)
     if topology.hierarchical:
-        intra = Group.make("intra_node", topology.intra_node_group_of(r), pgs.intra_node, nodes, r)
-        inter = Group.make("inter_node", topology.inter_node_group_of(r), pgs.inter_node, nodes, r)
+        intra = CommGroup.make("intra_node", topology.intra_node_group_of(r), pgs.intra_node, nodes, r)
+        inter = CommGroup.make("inter_node", topology.inter_node_group_of(r), pgs.inter_node, nodes, r)
         order = topology.hierarchical_chunk_order()
     else:
         intra = inter = None
         order = tuple(range(topology.partition_size))
-    return CommGroups(partition=partition, replication=replication, intra_node=intra, inter_node=inter, chunk_order=order)
+    return UnitGroups(partition=partition, replication=replication, intra_node=intra, inter_node=inter, chunk_order=order)
 
 
 def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: torch.device | str | None = None) -> nn.Module:
@@ -322,7 +322,7 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
     initialisation, so no rank ever holds the whole model.
     """
     config = config or MiCSConfig()
-    world_size, rank = _world()
+    world_size, rank = world_and_rank()
     _validate_before_collectives(model, config, world_size)
     topology = _resolve_topology(config, world_size, rank)
     groups = _comm_groups(topology)
@@ -338,7 +338,7 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
     streams = CommStreams(device) if device.type == "cuda" else None  # see [Note: stream ordering]
     unit_entries = _unit_modules(model, config)
     assignment = _assign_parameters(model, [n for n, _ in unit_entries])
-    units: list[tuple[nn.Module, ParamGroup]] = []
+    units: list[tuple[nn.Module, ShardedUnit]] = []
     replaced: dict[int, tuple[weakref.ref, nn.Parameter]] = {}
     # innermost units first (deepest path first, the root last): a unit's materialisation then never touches
     # modules of a nested unit, whose parameters are already shards
@@ -355,7 +355,7 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
             sharded.append(sp)
         if not sharded and module is not model:
             continue
-        group = ParamGroup(name, sharded, topology=topology, groups=groups, policy=policy, stats=stats, device=device, streams=streams)
+        group = ShardedUnit(name, sharded, topology=topology, groups=groups, policy=policy, stats=stats, device=device, streams=streams)
         for sp in sharded:
             sp.point_modules_to(sp.sharded)
         units.append((module, group))

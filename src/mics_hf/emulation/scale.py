@@ -31,8 +31,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .costmodel import Cluster, _get_cluster, unit_parameters
-from .presets import ModelPreset, get_preset
+from ..planning.costmodel import Cluster, _get_cluster, unit_parameters
+from ..planning.presets import ModelPreset, get_preset
 
 __all__ = ["FRAME_EFFICIENCY", "GLOO_REDUCE_SCATTER_VOLUME", "EMULATED_BYTES", "REAL_BYTES", "EmulationScale"]
 

@@ -21,8 +21,8 @@ travel over loopback like all others), and compute dominates at this size: the b
 not the network savings MiCS is for.
 
 Usage:
-    python scripts/bench_engine.py --quick          # smoke test, ~1 minute
-    python scripts/bench_engine.py --record         # full run, writes benchmarks/engine_<date>.md and .json
+    python benchmarks/bench_engine.py --quick          # smoke test, ~1 minute
+    python benchmarks/bench_engine.py --record         # full run, writes benchmarks/engine_<date>.md and .json
 """
 
 from __future__ import annotations
@@ -55,6 +55,15 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from bench_common import (  # noqa: E402
+    add_layout_args,
+    add_run_args,
+    fork_ranks,
+    gpt2_config,
+    machine_info,
+    parse_layout,
+    write_record,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
@@ -62,7 +71,6 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block  # noqa: E402
 
 import mics_hf  # noqa: E402
-from bench_common import command_line, fork_ranks, machine_info  # noqa: E402
 
 HSDP_KEY = "fsdp2_hsdp"
 DDP_KEY = "ddp"
@@ -96,13 +104,7 @@ class Options:
     timeout_s: float
 
     def gpt2_config(self) -> GPT2Config:
-        """The tiny GPT-2; dropout off so that every engine computes exactly the same function."""
-        return GPT2Config(
-            vocab_size=self.vocab, n_positions=self.seq, n_embd=self.n_embd, n_layer=self.n_layer,
-            n_head=self.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            # GPT-2's special token 50256 lies outside a small vocabulary; the last id keeps the config valid.
-            bos_token_id=self.vocab - 1, eos_token_id=self.vocab - 1,
-        )
+        return gpt2_config(vocab=self.vocab, n_positions=self.seq, n_embd=self.n_embd, n_layer=self.n_layer, n_head=self.n_head)
 
 
 def engine_keys(partition_sizes: tuple[int, ...]) -> list[str]:
@@ -120,9 +122,7 @@ def engine_label(key: str) -> str:
 def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
     """Command-line flags -> Options (what ranks need) plus the namespace (what only the parent needs)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--nproc", type=int, default=4, help="ranks (CPU processes, gloo)")
-    ap.add_argument("--devices-per-node", type=int, default=2, help="k: ranks per emulated node")
-    ap.add_argument("--partition-sizes", default="1,2,4", help="mics_hf partition sizes p to run, comma-separated")
+    add_layout_args(ap, partition_sizes="1,2,4", help="mics_hf partition sizes p to run, comma-separated")
     ap.add_argument("--engines", default="all", help="comma-separated subset of: ddp, fsdp2_hsdp, fsdp2_1d, mics_pP")
     ap.add_argument("--n-embd", type=int, default=128)
     ap.add_argument("--n-layer", type=int, default=4)
@@ -134,23 +134,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per engine and round")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per engine and round")
     ap.add_argument("--rounds", type=int, default=2, help="passes over all engines, alternating their order")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout-s", type=float, default=120.0, help="process-group timeout: a hang fails, never blocks")
+    add_run_args(ap, kind="engine", timeout_s=120.0)
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 warmup + 3 timed steps, 1 round")
-    ap.add_argument("--record", action="store_true", help="write benchmarks/engine_<date>.md and .json")
-    ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks", help="where --record writes")
     ns = ap.parse_args(argv)
     if ns.quick:
         ns.warmup, ns.steps, ns.rounds = 1, 3, 1
-    sizes = tuple(int(s) for s in ns.partition_sizes.split(",") if s.strip())
+    sizes = parse_layout(ap, ns)
     known = engine_keys(sizes)
     wanted = known if ns.engines == "all" else [e.strip() for e in ns.engines.split(",") if e.strip()]
     unknown = [e for e in wanted if e not in known]
     if unknown:
         ap.error(f"unknown engine(s) {unknown}; this run knows {known} (mics_pP needs P in --partition-sizes)")
-    if ns.nproc % ns.devices_per_node:
-        ap.error(f"--devices-per-node {ns.devices_per_node} must divide --nproc {ns.nproc}")
     if ns.warmup < 0 or ns.steps < 1 or ns.rounds < 1 or ns.accum < 1:
         ap.error("--steps, --rounds and --accum must be >= 1 and --warmup >= 0")
     opts = Options(
@@ -542,34 +536,8 @@ def render_errors(summary: dict[str, Any]) -> list[str]:
 
 def record(opts: Options, summary: dict[str, Any], info: dict[str, Any], out_dir: Path, wall_s: float) -> Path:
     """Write engine_<date>.md and .json; a second run on the same day gets a numbered file instead of overwriting."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    date = datetime.date.today().isoformat()
-    stem, n = f"engine_{date}", 2
-    while (out_dir / f"{stem}.md").exists() or (out_dir / f"{stem}.json").exists():
-        stem, n = f"engine_{date}_{n}", n + 1
     params = sum(p.numel() for p in GPT2LMHeadModel(opts.gpt2_config()).parameters())
-    config = dataclasses.asdict(opts)
-    md = [
-        f"# Engine benchmark, {date}",
-        "",
-        "Only the ratios in this file are meaningful: on this machine absolute step times vary by about +-30% "
-        "between runs, so compare engines measured in the same run, never absolute times across files.",
-        "",
-        "## Command",
-        "",
-        "```bash",
-        command_line(),
-        "```",
-        "",
-        "## Machine and versions",
-        "",
-        f"- CPUs: {info['cpu_count']} ({info['processor']}), no GPU; {info['platform']}",
-        f"- python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
-        f"mics_hf {info['mics_hf']} (commit {info['mics_hf_commit']})",
-        f"- wall time of the run: {wall_s:.0f} s",
-        "",
-        "## Config",
-        "",
+    config = [
         f"- {opts.nproc} CPU ranks (gloo, 1 thread each), emulated as {opts.nproc // opts.devices_per_node} nodes x "
         f"{opts.devices_per_node} ranks (devices_per_node={opts.devices_per_node}); all traffic is loopback",
         f"- GPT2LMHeadModel: n_embd {opts.n_embd}, n_layer {opts.n_layer}, n_head {opts.n_head}, vocab {opts.vocab}, "
@@ -583,37 +551,30 @@ def record(opts: Options, summary: dict[str, Any], info: dict[str, Any], out_dir
         "fully_shard on each GPT2Block, then on the root (default reshard_after_forward)",
         f"- mics_hf: shard_model(model, MiCSConfig(partition_size=p, devices_per_node={opts.devices_per_node})); "
         "hierarchical is automatic (p=4 spans both nodes)",
-        "",
-        "## Results",
-        "",
-        *render_table(summary),
-        "",
-        "Final loss is the mean over ranks at the last step: equal values show every engine trained the same model.",
-        "",
-        "## mics_hf communication per optimizer step",
-        "",
+    ]
+    comm_intro = (
         "From `mics_hf.comm_stats`, per optimizer step, mean over rounds. Bytes are what a rank sends under the "
         "ring model, booked on the link to its ring successor (mean over ranks; world total = mean x N); calls are "
         "booked on the class of the group (inter_node if the group spans nodes), so a link can carry bytes with "
-        "0 calls booked on it.",
-        "",
-        *render_comm(summary),
-        "",
-        "## Goals",
-        "",
-        *render_goals(summary),
-        "",
-    ]
-    errors = render_errors(summary)
-    if errors:
-        md += ["## Errors", "", "```", *errors, "```", ""]
-    (out_dir / f"{stem}.md").write_text("\n".join(md))
-    payload = {
-        "date": date, "command": command_line(), "machine": info, "config": config, "model_parameters": params,
-        "wall_s": wall_s, **summary,
-    }
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    return out_dir / f"{stem}.md"
+        "0 calls booked on it."
+    )
+    return write_record(
+        out_dir, "engine", title="Engine benchmark", info=info, wall_s=wall_s, errors=render_errors(summary),
+        intro="Only the ratios in this file are meaningful: on this machine absolute step times vary by about +-30% "
+        "between runs, so compare engines measured in the same run, never absolute times across files.",
+        versions=("python", "torch", "transformers"),
+        sections=[
+            ("Config", config),
+            ("Results", [
+                *render_table(summary),
+                "",
+                "Final loss is the mean over ranks at the last step: equal values show every engine trained the same model.",
+            ]),
+            ("mics_hf communication per optimizer step", [comm_intro, "", *render_comm(summary)]),
+            ("Goals", render_goals(summary)),
+        ],
+        payload={"config": dataclasses.asdict(opts), "model_parameters": params, "wall_s": wall_s, **summary},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Single-GPU throughput of mics_hf against a bare PyTorch loop on the same model, in one run.
 
-    python scripts/gpu_bench.py                       # GPT ~1.3B, seq 2048, bf16, activation checkpointing
-    python scripts/gpu_bench.py --record              # also writes benchmarks/gpu_<date>.md / .json
-    python scripts/gpu_bench.py --preset tiny --device cpu --steps 2 --warmup 1   # smoke test without a GPU
+    python benchmarks/gpu_bench.py                       # GPT ~1.3B, seq 2048, bf16, activation checkpointing
+    python benchmarks/gpu_bench.py --record              # also writes benchmarks/gpu_<date>.md / .json
+    python benchmarks/gpu_bench.py --preset tiny --device cpu --steps 2 --warmup 1   # smoke test without a GPU
 
 What is compared (world size 1, so no communication; this measures the engine's own overhead):
   bare    fp32 parameters, torch.autocast(bf16), fused AdamW on the parameters
@@ -219,7 +219,7 @@ def main() -> None:
             f"# Single-GPU engine overhead, {date}", "",
             f"- card: {gpu}, driver {driver}, measured bf16 matmul peak {peak:.0f} TFLOP/s",
             f"- python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
-            f"- command: `python scripts/gpu_bench.py {' '.join(sys.argv[1:])}`",
+            f"- command: `python benchmarks/gpu_bench.py {' '.join(sys.argv[1:])}`",
             f"- {args.rounds} rounds x {args.steps} timed steps per engine (after {args.warmup} warm-up), engines alternating",
             "", "TFLOPS count 8N (or 6N) FLOPs per token, attention excluded; MFU divides the 8N figure by the "
             "matmul rate measured above.", "",

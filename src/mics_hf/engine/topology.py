@@ -23,14 +23,27 @@ import torch.distributed as dist
 __all__ = ["Topology", "ProcessGroups", "build_topology", "node_map_from_devices_per_node", "create_process_groups"]
 
 
+def world_and_rank() -> tuple[int, int]:
+    """(world size, rank) of the default process group, or (1, 0) when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def require_divides(setting: str, value: int, total: int, of: str, *, choices: str = "use one of") -> None:
+    """Raise ValueError unless `value` divides `total`, listing every value that does (e.g. partition sizes).
+
+    `setting` names the user's knob ("partition_size", "--mics partition_size"), `of` what it must divide
+    ("the world size 8", "num_processes=4"); `choices` introduces the list of divisors.
+    """
+    if total % value != 0:
+        divisors = [d for d in range(1, total + 1) if total % d == 0]
+        raise ValueError(f"{setting}={value} does not divide {of}; {choices} {divisors}")
+
+
 def node_map_from_devices_per_node(world_size: int, devices_per_node: int) -> tuple[int, ...]:
     """Contiguous placement: ranks [0..k-1] on node 0, [k..2k-1] on node 1, ... (what launchers do)."""
-    if world_size % devices_per_node != 0:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ValueError(
-            f"devices_per_node={devices_per_node} does not divide the world size {world_size}; "
-            f"use one of {divisors}"
-        )
+    require_divides("devices_per_node", devices_per_node, world_size, f"the world size {world_size}")
     return tuple(r // devices_per_node for r in range(world_size))
 
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .api import MiCSConfig
+from ..config import MiCSConfig
 from .collectives import CommStats
-from .param_group import ParamGroup, ShardState
 from .topology import Topology
+from .unit import ShardedUnit, ShardState
 
 __all__ = ["MiCSState", "TrainingState"]
 
@@ -42,55 +42,55 @@ def _in_backward() -> bool:
 class MiCSState:
     """Per-model engine state: the units (root last), the recorded execution order, hooks and statistics."""
 
-    def __init__(self, root: nn.Module, units: list[tuple[nn.Module, ParamGroup]], *, config: MiCSConfig, topology: Topology, stats: CommStats) -> None:
+    def __init__(self, root: nn.Module, units: list[tuple[nn.Module, ShardedUnit]], *, config: MiCSConfig, topology: Topology, stats: CommStats) -> None:
         self.root = root
-        self.units = units  # (module, group), root's entry last
-        self.group_of: dict[int, ParamGroup] = {id(m): g for m, g in units}
+        self.units = units  # (module, unit), root's entry last
+        self.unit_of: dict[int, ShardedUnit] = {id(m): u for m, u in units}
         self.config = config
         self.topology = topology
         self.stats = stats
         self.sync_gradients = True
         self.training_state = TrainingState.IDLE
-        self.forward_order: list[ParamGroup] = []
+        self.forward_order: list[ShardedUnit] = []
         self._order_recorded = False
         self._callback_queued = False
         self.num_backwards = 0
         self.num_hop2 = 0  # optimizer-step syncs performed (for tests and metrics)
         self._handles: list[Any] = []
-        self._hop1_started: list[ParamGroup] = []  # hop 1 launched, hop 2 not yet (this backward)
+        self._hop1_started: list[ShardedUnit] = []  # hop 1 launched, hop 2 not yet (this backward)
         self._hop2_started: set[int] = set()
         self.replaced: dict[int, Any] = {}  # id(original parameter) -> (weakref, shard); set by shard_model
         self._register_hooks()
 
     @property
-    def root_group(self) -> ParamGroup:
+    def root_unit(self) -> ShardedUnit:
         return self.units[-1][1]
 
     # ---- registration ------------------------------------------------------------------------------------
     def _register_hooks(self) -> None:
-        for module, group in self.units:
+        for module, unit in self.units:
             is_root = module is self.root
             self._handles.append(
-                module.register_forward_pre_hook(self._make_pre_forward(group, is_root), with_kwargs=True, prepend=True)
+                module.register_forward_pre_hook(self._make_pre_forward(unit, is_root), with_kwargs=True, prepend=True)
             )
-            self._handles.append(module.register_forward_hook(self._make_post_forward(group, is_root)))
-            for sp in group.params:
+            self._handles.append(module.register_forward_hook(self._make_post_forward(unit, is_root)))
+            for sp in unit.params:
                 if sp.requires_grad:
-                    self._handles.append(sp.unsharded.register_post_accumulate_grad_hook(self._make_grad_ready(group)))
+                    self._handles.append(sp.unsharded.register_post_accumulate_grad_hook(self._make_grad_ready(unit)))
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def _make_pre_forward(self, group: ParamGroup, is_root: bool) -> Callable:
+    def _make_pre_forward(self, unit: ShardedUnit, is_root: bool) -> Callable:
         def pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if _in_backward():  # activation-checkpoint recomputation: parameters are (being) gathered already
-                group.wait_unshard()
+                unit.wait_unshard()
                 return None
             if is_root:
                 self._begin_forward()
-            elif not self._order_recorded and group not in self.forward_order:
-                self.forward_order.append(group)
-            group.wait_unshard()
+            elif not self._order_recorded and unit not in self.forward_order:
+                self.forward_order.append(unit)
+            unit.wait_unshard()
             if self.config.prefetch and self._order_recorded and not is_root:
-                nxt = self._neighbour(group, +1)
+                nxt = self._neighbour(unit, +1)
                 if nxt is not None:
                     nxt.unshard()
             elif self.config.prefetch and self._order_recorded and is_root and self.forward_order:
@@ -103,11 +103,11 @@ class MiCSState:
 
         return pre_forward
 
-    def _make_post_forward(self, group: ParamGroup, is_root: bool) -> Callable:
+    def _make_post_forward(self, unit: ShardedUnit, is_root: bool) -> Callable:
         def post_forward(module: nn.Module, args: tuple, output: Any) -> None:
             if _in_backward():
                 if torch.is_grad_enabled():
-                    self._arm_pre_backward(group, output)
+                    self._arm_pre_backward(unit, output)
                 return None
             if is_root:
                 self._order_recorded = True
@@ -115,63 +115,63 @@ class MiCSState:
                     self._finish_without_backward()
                 self.training_state = TrainingState.IDLE
             else:
-                group.reshard()  # the backward gathers it again (the MiCS/ZeRO-3 memory saving)
+                unit.reshard()  # the backward gathers it again (the MiCS/ZeRO-3 memory saving)
             if torch.is_grad_enabled():
-                self._arm_pre_backward(group, output)
+                self._arm_pre_backward(unit, output)
             return None
 
         return post_forward
 
     def _begin_forward(self) -> None:
         # Units left gathered by an abandoned step (a prefetch, a forward without backward) start clean.
-        for _, g in self.units:
-            if g is not self.root_group:
-                g.reshard()
+        for _, u in self.units:
+            if u is not self.root_unit:
+                u.reshard()
         self.training_state = TrainingState.FORWARD
 
     def _finish_without_backward(self) -> None:
-        for _, g in self.units:
-            g.reshard()
+        for _, u in self.units:
+            u.reshard()
 
-    def _neighbour(self, group: ParamGroup, step: int) -> ParamGroup | None:
+    def _neighbour(self, unit: ShardedUnit, step: int) -> ShardedUnit | None:
         try:
-            i = self.forward_order.index(group) + step
+            i = self.forward_order.index(unit) + step
         except ValueError:
             return None
         return self.forward_order[i] if 0 <= i < len(self.forward_order) else None
 
     # ---- backward ----------------------------------------------------------------------------------------
-    def _arm_pre_backward(self, group: ParamGroup, output: Any) -> None:
+    def _arm_pre_backward(self, unit: ShardedUnit, output: Any) -> None:
         leaves, _ = tree_flatten(output)
         for t in leaves:
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(self._make_pre_backward(group))
+                t.register_hook(self._make_pre_backward(unit))
 
-    def _make_pre_backward(self, group: ParamGroup) -> Callable:
+    def _make_pre_backward(self, unit: ShardedUnit) -> Callable:
         def pre_backward(grad: torch.Tensor) -> None:
             if not self._callback_queued:
                 self._callback_queued = True
                 self.training_state = TrainingState.BACKWARD
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            if group.state is not ShardState.UNSHARDED:
-                group.wait_unshard()
+            if unit.state is not ShardState.UNSHARDED:
+                unit.wait_unshard()
             if self.config.prefetch and self.forward_order:
-                prev = self.forward_order[-1] if group is self.root_group else self._neighbour(group, -1)
+                prev = self.forward_order[-1] if unit is self.root_unit else self._neighbour(unit, -1)
                 if prev is not None:
                     prev.unshard()
             return None
 
         return pre_backward
 
-    def _make_grad_ready(self, group: ParamGroup) -> Callable:
+    def _make_grad_ready(self, unit: ShardedUnit) -> Callable:
         def grad_ready(param: torch.Tensor) -> None:
-            group.num_grads_ready += 1
-            if group.num_grads_ready == group.num_grad_params:
+            unit.num_grads_ready += 1
+            if unit.num_grads_ready == unit.num_grad_params:
                 self._progress_reductions()
-                group.reduce_grads()
-                if group is not self.root_group:
-                    group.reshard()
-                self._hop1_started.append(group)
+                unit.reduce_grads()
+                if unit is not self.root_unit:
+                    unit.reshard()
+                self._hop1_started.append(unit)
 
         return grad_ready
 
@@ -190,29 +190,29 @@ class MiCSState:
         if not (self.sync_gradients and self.topology.replication_size > 1):
             return
         while len(self._hop1_started) > 1:
-            g = self._hop1_started.pop(0)
-            g.wait_reduce()
-            g.all_reduce_grads()
-            self._hop2_started.add(id(g))
+            u = self._hop1_started.pop(0)
+            u.wait_reduce()
+            u.all_reduce_grads()
+            self._hop2_started.add(id(u))
 
     def _end_of_backward(self) -> None:
         """Runs once after the whole backward: finish hop 1 for every unit, then hop 2 unless under no_sync."""
         try:
-            for _, g in reversed(self.units):
-                if g.num_grads_ready > 0:  # parameters the step did not use: reduce what did arrive
-                    g.reduce_grads()
-            for _, g in self.units:
-                g.wait_reduce()
+            for _, u in reversed(self.units):
+                if u.num_grads_ready > 0:  # parameters the step did not use: reduce what did arrive
+                    u.reduce_grads()
+            for _, u in self.units:
+                u.wait_reduce()
             if self.sync_gradients:
-                for _, g in self.units:
-                    if id(g) not in self._hop2_started:
-                        g.all_reduce_grads()
-                for _, g in self.units:
-                    g.wait_all_reduce()
+                for _, u in self.units:
+                    if id(u) not in self._hop2_started:
+                        u.all_reduce_grads()
+                for _, u in self.units:
+                    u.wait_all_reduce()
                 self.num_hop2 += 1
-            for _, g in self.units:
-                g.join_streams()
-                g.reshard()
+            for _, u in self.units:
+                u.join_streams()
+                u.reshard()
             self.num_backwards += 1
         finally:
             self._hop1_started.clear()

@@ -12,7 +12,7 @@ Ranks in the same node namespace reach each other on their own 10.77.0.x address
 that namespace's loopback: intra-node traffic never crosses eth0, so eth0's tx_bytes count inter-node bytes only.
 
 `measure_all_gather` runs one flat or hierarchical all-gather over nodes x ranks_per_node gloo workers (this
-module run as `python -m mics_hf.emulate worker ...`) and reads every node's eth0 counters around it. The
+module run as `python -m mics_hf.emulation.cluster worker ...`) and reads every node's eth0 counters around it. The
 workers follow a line protocol on stdin/stdout: `READY <phase>` -> parent reads counters, answers `GO` ->
 `DONE <phase> <seconds>` -> parent reads counters again and answers `NEXT` (no worker sends anything between
 DONE and NEXT, so the next phase's warm-up never lands in the counters of this one).
@@ -385,7 +385,7 @@ def measure_all_gather(
     payload = int(megabytes * 2**20)
     payload -= payload % (4 * world)
     phases = ["gather"] + (["send"] if calibrate else [])
-    argv = [sys.executable, "-m", "mics_hf.emulate", "worker", "--nodes", str(nodes),
+    argv = [sys.executable, "-m", "mics_hf.emulation.cluster", "worker", "--nodes", str(nodes),
             "--ranks-per-node", str(ranks_per_node), "--bytes", str(payload),
             "--phases", ",".join(phases), "--repeat", str(repeat)] + (["--hierarchical"] if hierarchical else [])
     result: dict = {"payload_bytes": payload, "nodes": nodes, "ranks_per_node": ranks_per_node,
@@ -406,9 +406,9 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from .collectives import Group, all_gather, hierarchical_all_gather
-    from .teardown import close_process_group
-    from .topology import build_topology, create_process_groups, node_map_from_devices_per_node
+    from ..engine.collectives import CommGroup, all_gather, hierarchical_all_gather
+    from ..engine.teardown import close_process_group
+    from ..engine.topology import build_topology, create_process_groups, node_map_from_devices_per_node
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     k = args.ranks_per_node
@@ -418,10 +418,10 @@ def _worker(args: argparse.Namespace) -> None:
         topo = build_topology(world_size=world, rank=rank, node_of_rank=nodes, partition_size=world,
                               hierarchical=bool(args.hierarchical))
         pgs = create_process_groups(topo)
-        partition = Group.make("partition", topo.partition_group, pgs.partition, nodes, rank)
+        partition = CommGroup.make("partition", topo.partition_group, pgs.partition, nodes, rank)
         if topo.hierarchical:
-            intra = Group.make("intra_node", topo.intra_node_group_of(rank), pgs.intra_node, nodes, rank)
-            inter = Group.make("inter_node", topo.inter_node_group_of(rank), pgs.inter_node, nodes, rank)
+            intra = CommGroup.make("intra_node", topo.intra_node_group_of(rank), pgs.intra_node, nodes, rank)
+            inter = CommGroup.make("inter_node", topo.inter_node_group_of(rank), pgs.inter_node, nodes, rank)
         numel = args.bytes // 4
         output = torch.empty(numel, dtype=torch.float32)
         shard = torch.full((numel // world,), float(rank), dtype=torch.float32)
@@ -468,7 +468,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mics_hf.emulate")
+    parser = argparse.ArgumentParser(prog="python -m mics_hf.emulation.cluster")
     sub = parser.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("worker", help="internal: one rank of measure_all_gather")
     w.add_argument("--nodes", type=int, required=True)

@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .collectives import _all_gather_tensor
-from .param_group import ShardedParam
-from .shard import get_state
+from ..engine.collectives import _all_gather_tensor
+from ..engine.shard import get_state
+from ..engine.unit import ShardedParam
 
 __all__ = ["full_state_dict", "gather_full_param"]
 

@@ -25,7 +25,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..api import MiCSConfig, VALID_CONFIG_KEYS
+from ..config import VALID_CONFIG_KEYS, MiCSConfig
+from ..engine.topology import require_divides
 
 __all__ = [
     "ENV_VAR",
@@ -107,11 +108,8 @@ def read_accelerate_config(path: str | os.PathLike) -> tuple[dict[str, Any], dic
     settings = parse_mics_value(block, what=f"the `mics` block of {path}")
     num = raw.get("num_processes")
     p = settings.get("partition_size")
-    if isinstance(num, int) and num > 0 and isinstance(p, int) and num % p != 0:
-        valid = [d for d in range(1, num + 1) if num % d == 0]
-        raise ValueError(
-            f"{path}: partition_size={p} does not divide num_processes={num}; partition sizes that divide it: {valid}"
-        )
+    if isinstance(num, int) and num > 0 and isinstance(p, int) and p > 0:
+        require_divides(f"{path}: partition_size", p, num, f"num_processes={num}", choices="partition sizes that divide it:")
     return raw, settings
 
 

@@ -98,7 +98,7 @@ class Cluster:
     per GPU, inter-node per node (all its NICs together). Latencies are per ring step.
 
     The last five fields default to the module constants (NCCL on AWS) and exist so that a cluster with another
-    transport can be described, e.g. ``mics_hf.emulate_scale``'s emulated cluster (gloo over shaped links):
+    transport can be described, e.g. ``mics_hf.emulation.scale``'s emulated cluster (gloo over shaped links):
     ``reduce_scatter_volume`` is the bytes a reduce-scatter moves relative to the ring ideal (1 for NCCL; 2 for
     gloo, whose reduce-scatter is an all-reduce, see ENVIRONMENT notes in the README).
     """
@@ -616,5 +616,5 @@ def format_plan(result: PlanResult) -> str:
     mics, zero3 = result.predictions["mics"], result.predictions["zero3"]
     lines.append("")
     lines.append(f"MiCS / ZeRO-3 throughput: {mics.samples_per_s / zero3.samples_per_s:.2f}x "
-                 f"(analytic model, see mics_hf.costmodel's docstring for its assumptions)")
+                 f"(analytic model, see mics_hf.planning.costmodel's docstring for its assumptions)")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """The emulated weak-scaling sweep: MiCS, ZeRO-3 and FSDP2 HSDP on 1..N emulated nodes, measured and predicted.
 
 `mics-hf emulate weak-scaling` (root only) builds one emulated cluster of max(nodes) namespaces with tbf-shaped
-links (``mics_hf.emulate``), and for every node count runs each strategy on the first n nodes with compute
-slept by the scaling rule of ``mics_hf.emulate_scale``. Per run it measures the step time (slowest rank,
+links (``mics_hf.emulation.cluster``), and for every node count runs each strategy on the first n nodes with compute
+slept by the scaling rule of ``mics_hf.emulation.scale``. Per run it measures the step time (slowest rank,
 after warm-up) and the bytes that crossed each node's link (eth0 counters), and predicts the step time with
 ``costmodel.predict`` on the emulated cluster's description. Before the sweep it measures the two numbers of
 the machine the cost model needs (loopback all-gather rate, per-collective latency); after it, the flat and
@@ -31,9 +31,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .costmodel import predict
-from .emulate import EmulatedCluster, measure_all_gather, run_phases
-from .emulate_scale import EMULATED_BYTES, EmulationScale
+from ..planning.costmodel import predict
+from .cluster import EmulatedCluster, measure_all_gather, run_phases
+from .scale import EMULATED_BYTES, EmulationScale
 
 __all__ = ["SweepResult", "calibrate", "check", "format_table", "plot", "run_config", "sweep"]
 
@@ -64,7 +64,7 @@ def run_config(cluster: EmulatedCluster, scale: EmulationScale, nodes: int, stra
     k = scale.ranks_per_node
     world = nodes * k
     fields = {f.name: getattr(scale, f.name) for f in dataclasses.fields(scale)}
-    argv = [sys.executable, "-m", "mics_hf.emulate_step", "--strategy", strategy,
+    argv = [sys.executable, "-m", "mics_hf.emulation.step", "--strategy", strategy,
             "--partition-size", str(partition_size), "--scale", json.dumps(fields),
             "--warmup", str(warmup), "--steps", str(steps)]
     phase = run_phases(cluster, [argv] * world, k, ["steps"], timeout=timeout, port=port)["steps"]
@@ -321,7 +321,7 @@ def format_report(result: SweepResult, png_name: str) -> str:
 - Measured: step times (slowest rank, median of the timed steps after warm-up), bytes on every node's eth0.
   Calibrated for the cost model: loopback all-gather {sc.intra_node_bandwidth / 1e6:.0f} MB/s, gloo latency
   {sc.latency_s * 1e3:.2f} ms per ring step (median of 21 small all-gathers over 2 nodes, per step).
-- Cost model: `mics_hf.costmodel.predict` on `EmulationScale.cost_model_cluster()` (the same rule, gloo's
+- Cost model: `mics_hf.planning.costmodel.predict` on `EmulationScale.cost_model_cluster()` (the same rule, gloo's
   reduce-scatter at twice the ring volume, fp32 on the wire); nothing fitted to these measurements.
 - TFLOPS/GPU: the emulated 8N FLOP rate divided by f, i.e. what the schedule reaches on the real instance
   (compute alone: {sc.real_cluster.compute_efficiency * sc.real_cluster.peak_tflops:.0f}).
@@ -356,10 +356,10 @@ def write_report(result: SweepResult, output_dir: str | Path, *, stem: str | Non
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m mics_hf.emulate_sweep render <record.json>`: rewrite the .md and .png beside a recorded sweep."""
+    """`python -m mics_hf.emulation.sweep render <record.json>`: rewrite the .md and .png beside a recorded sweep."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m mics_hf.emulate_sweep")
+    parser = argparse.ArgumentParser(prog="python -m mics_hf.emulation.sweep")
     parser.add_argument("command", choices=("render",))
     parser.add_argument("record", help="a sweep's .json record")
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 __all__ = [
     "CommStats",
-    "Group",
+    "CommGroup",
     "Work",
     "CollectiveError",
     "all_gather",
@@ -76,7 +76,7 @@ class CommStats:
 
 
 @dataclass(frozen=True)
-class Group:
+class CommGroup:
     """A process group plus what accounting and error messages need to know about it."""
 
     name: str
@@ -90,7 +90,7 @@ class Group:
         return len(self.ranks)
 
     @classmethod
-    def make(cls, name: str, ranks: Sequence[int], pg: dist.ProcessGroup | None, node_of_rank: Sequence[int], rank: int) -> "Group":
+    def make(cls, name: str, ranks: Sequence[int], pg: dist.ProcessGroup | None, node_of_rank: Sequence[int], rank: int) -> "CommGroup":
         ranks = tuple(ranks)
         ring = sorted(ranks, key=lambda r: (node_of_rank[r], r))
         successor = ring[(ring.index(rank) + 1) % len(ring)]
@@ -190,28 +190,24 @@ def _shapes(**tensors: torch.Tensor) -> str:
     return ", ".join(f"{k}={tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for k, t in tensors.items())
 
 
-def _ctx(label: str, groups: Sequence[Group], **tensors: torch.Tensor) -> Callable[[], str]:
+def _ctx(label: str, groups: Sequence[CommGroup], **tensors: torch.Tensor) -> Callable[[], str]:
     return lambda: f"unit '{label}', {' then '.join(g.describe() for g in groups)}, {_shapes(**tensors)}"
 
 
-def _ring_bytes(group: Group, total: torch.Tensor, factor: float = 1.0) -> int:
+def _ring_bytes(group: CommGroup, total: torch.Tensor, factor: float = 1.0) -> int:
     g = group.size
     return int(factor * (g - 1) * total.numel() * total.element_size() // g)
 
 
-def all_gather(output: torch.Tensor, shard: torch.Tensor, group: Group, *, stats: CommStats | None, label: str, async_op: bool = True) -> Work:
+def all_gather(output: torch.Tensor, shard: torch.Tensor, group: CommGroup, *, stats: CommStats | None, label: str, async_op: bool = True) -> Work:
     """output (g * n) <- the n-element shards of the group's ranks, in group-rank order."""
     work = Work("all_gather", _ctx(label, [group], input=shard, output=output), stats)
-    if group.pg is None:
-        output.copy_(shard)
-        return work
-    if stats is not None:
-        stats.record("all_gather", group.link, group.send_link, _ring_bytes(group, output))
-    return work.start(lambda: _all_gather_tensor(output, shard, group=group.pg, async_op=async_op))
+    gather = lambda out, inp, group: _all_gather_tensor(out, inp, group=group.pg, async_op=async_op)  # noqa: E731
+    return _one_stage(work, "all_gather", (shard, output), group, gather, stats)
 
 
 def hierarchical_all_gather(
-    output: torch.Tensor, shard: torch.Tensor, *, inter: Group, intra: Group, stats: CommStats | None, label: str
+    output: torch.Tensor, shard: torch.Tensor, *, inter: CommGroup, intra: CommGroup, stats: CommStats | None, label: str
 ) -> Work:
     """The MiCS two-stage all-gather for a partition group spanning m nodes with k ranks each.
 
@@ -219,37 +215,42 @@ def hierarchical_all_gather(
     on the inter-node links); stage 2 gathers the m-shard blocks inside each node. The output holds the p
     shards in `Topology.hierarchical_chunk_order`, not in position order.
     """
-    m = inter.size
-    staged = torch.empty(m * shard.numel(), dtype=shard.dtype, device=shard.device)
+    staged = torch.empty(inter.size * shard.numel(), dtype=shard.dtype, device=shard.device)
     work = Work("all_gather", _ctx(label, [inter, intra], input=shard, output=output), stats)
-    eager = shard.is_cuda
-    if stats is not None:
-        stats.record("all_gather", inter.link, inter.send_link, _ring_bytes(inter, staged))
-        stats.record("all_gather", intra.link, intra.send_link, _ring_bytes(intra, output))
-    if inter.pg is None:
-        staged.copy_(shard)
-    else:
-        work.start(lambda: _all_gather_tensor(staged, shard, group=inter.pg, async_op=True))
-    if intra.pg is None:
-        return work.then(lambda: _copy(output, staged), eager=eager)
-    return work.then(lambda: _all_gather_tensor(output, staged, group=intra.pg, async_op=True), eager=eager)
+    gather = lambda out, inp, group: _all_gather_tensor(out, inp, group=group.pg, async_op=True)  # noqa: E731
+    return _two_stages(work, "all_gather", (shard, staged, output), (inter, intra), gather, stats)
 
 
-def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group: Group, *, stats: CommStats | None, label: str) -> Work:
+def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group: CommGroup, *, stats: CommStats | None, label: str) -> Work:
     """output (n) <- sum over the group of chunk [rank] of each rank's `full` (g * n), in group-rank order."""
     work = Work("reduce_scatter", _ctx(label, [group], input=full, output=output), stats)
+    return _one_stage(work, "reduce_scatter", (full, output), group, _scatter, stats)
+
+
+def _scatter(out: torch.Tensor, inp: torch.Tensor, group: CommGroup) -> object:
+    return _reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=group.pg, async_op=True)
+
+
+def _one_stage(
+    work: Work,
+    op: str,
+    tensors: tuple[torch.Tensor, torch.Tensor],
+    group: CommGroup,
+    launch: Callable[[torch.Tensor, torch.Tensor, CommGroup], object],
+    stats: CommStats | None,
+) -> Work:
+    """Run `launch` (source -> output) in `group`; a single-rank group is a local copy and books no bytes."""
+    source, output = tensors
     if group.pg is None:
-        output.copy_(full)
+        output.copy_(source)
         return work
-    if stats is not None:
-        stats.record("reduce_scatter", group.link, group.send_link, _ring_bytes(group, full))
-    return work.start(
-        lambda: _reduce_scatter_tensor(output, full, op=dist.ReduceOp.SUM, group=group.pg, async_op=True)
-    )
+    if stats is not None:  # a ring moves (g-1)/g of its larger side: the gathered or the unreduced tensor
+        stats.record(op, group.link, group.send_link, _ring_bytes(group, max(source, output, key=torch.numel)))
+    return work.start(lambda: launch(output, source, group))
 
 
 def hierarchical_reduce_scatter(
-    output: torch.Tensor, full: torch.Tensor, *, intra: Group, inter: Group, stats: CommStats | None, label: str
+    output: torch.Tensor, full: torch.Tensor, *, intra: CommGroup, inter: CommGroup, stats: CommStats | None, label: str
 ) -> Work:
     """The mirror of the hierarchical all-gather: reduce-scatter inside the node, then between nodes.
 
@@ -257,28 +258,39 @@ def hierarchical_reduce_scatter(
     of the m chunks owned by its inter-node group; stage 2 sums those across nodes, so only (m-1)/m of an
     m-chunk block crosses a node boundary per rank instead of (p-1)/p of the whole gradient.
     """
-    m = inter.size
-    staged = torch.empty(m * output.numel(), dtype=full.dtype, device=full.device)
+    staged = torch.empty(inter.size * output.numel(), dtype=full.dtype, device=full.device)
     work = Work("reduce_scatter", _ctx(label, [intra, inter], input=full, output=output), stats)
-    eager = full.is_cuda
-    if stats is not None:
-        stats.record("reduce_scatter", intra.link, intra.send_link, _ring_bytes(intra, full))
-        stats.record("reduce_scatter", inter.link, inter.send_link, _ring_bytes(inter, staged))
-    if intra.pg is None:
-        staged.copy_(full)
+    return _two_stages(work, "reduce_scatter", (full, staged, output), (intra, inter), _scatter, stats)
+
+
+def _two_stages(
+    work: Work,
+    op: str,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    groups: tuple[CommGroup, CommGroup],
+    launch: Callable[[torch.Tensor, torch.Tensor, CommGroup], object],
+    stats: CommStats | None,
+) -> Work:
+    """Run `launch` as stage 1 (source -> staged) in groups[0], then stage 2 (staged -> output) in groups[1].
+
+    A single-rank stage is a local copy. Bytes are booked per stage on its own group's links. On CPU stage 2 is
+    deferred to Work.wait / Work.advance; on CUDA both are launched now and ordered on the stream.
+    """
+    source, staged, output = tensors
+    first, second = groups
+    if stats is not None:  # a ring stage moves (g-1)/g of its larger side: the gathered or the unreduced tensor
+        stats.record(op, first.link, first.send_link, _ring_bytes(first, max(source, staged, key=torch.numel)))
+        stats.record(op, second.link, second.send_link, _ring_bytes(second, max(staged, output, key=torch.numel)))
+    if first.pg is None:
+        staged.copy_(source)
     else:
-        work.start(
-            lambda: _reduce_scatter_tensor(staged, full, op=dist.ReduceOp.SUM, group=intra.pg, async_op=True)
-        )
-    if inter.pg is None:
-        return work.then(lambda: _copy(output, staged), eager=eager)
-    return work.then(
-        lambda: _reduce_scatter_tensor(output, staged, op=dist.ReduceOp.SUM, group=inter.pg, async_op=True),
-        eager=eager,
-    )
+        work.start(lambda: launch(staged, source, first))
+    if second.pg is None:
+        return work.then(lambda: _copy(output, staged), eager=source.is_cuda)
+    return work.then(lambda: launch(output, staged, second), eager=source.is_cuda)
 
 
-def all_reduce(tensor: torch.Tensor, group: Group, *, stats: CommStats | None, label: str) -> Work:
+def all_reduce(tensor: torch.Tensor, group: CommGroup, *, stats: CommStats | None, label: str) -> Work:
     """In-place sum across the group (hop 2 runs it across the replication group)."""
     work = Work("all_reduce", _ctx(label, [group], tensor=tensor), stats)
     if group.pg is None:

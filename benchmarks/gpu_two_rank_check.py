@@ -5,7 +5,7 @@ collectives gloo accepts for CUDA tensors, then (if the engine's collectives are
 GPT-2 with mics_hf (p = 2, fp32) on both ranks and compares every parameter with an unsharded reference on
 the same device after 3 AdamW steps.
 
-    python scripts/gpu_two_rank_check.py        # needs a CUDA device
+    python benchmarks/gpu_two_rank_check.py        # needs a CUDA device
 """
 
 from __future__ import annotations

@@ -25,11 +25,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..config import MixedPrecisionPolicy
 from . import collectives as C
-from .api import MixedPrecisionPolicy
 from .topology import Topology
 
-__all__ = ["ShardedParam", "ParamGroup", "CommGroups", "ShardState", "CommStreams"]
+__all__ = ["ShardedParam", "ShardedUnit", "UnitGroups", "ShardState", "CommStreams"]
 
 
 class CommStreams:
@@ -75,13 +75,13 @@ class ShardState(enum.Enum):
 
 
 @dataclass(frozen=True)
-class CommGroups:
-    """The collective groups a unit uses, with accounting info (see collectives.Group)."""
+class UnitGroups:
+    """The collective groups a unit uses, with accounting info (see collectives.CommGroup)."""
 
-    partition: C.Group
-    replication: C.Group
-    intra_node: C.Group | None
-    inter_node: C.Group | None
+    partition: C.CommGroup
+    replication: C.CommGroup
+    intra_node: C.CommGroup | None
+    inter_node: C.CommGroup | None
     chunk_order: tuple[int, ...]  # positions in the order the (hierarchical) all-gather leaves them
 
     @property
@@ -122,7 +122,7 @@ class ShardedParam:
             self.padded = padded.view(p, self.padded_len)
             self.unsharded = nn.Parameter(padded[: param.numel()].view(param.shape), requires_grad=param.requires_grad)
             self._free_storage()
-        self.segment_offset = 0  # set by ParamGroup
+        self.segment_offset = 0  # set by ShardedUnit
 
     def _free_storage(self) -> None:
         if not self.aliased:
@@ -141,7 +141,7 @@ class ShardedParam:
             module._parameters[name] = tensor
 
 
-class ParamGroup:
+class ShardedUnit:
     """The parameters of one unit, gathered and freed together, and their gradient reduction."""
 
     def __init__(
@@ -150,7 +150,7 @@ class ParamGroup:
         params: list[ShardedParam],
         *,
         topology: Topology,
-        groups: CommGroups,
+        groups: UnitGroups,
         policy: MixedPrecisionPolicy,
         stats: C.CommStats,
         device: torch.device,

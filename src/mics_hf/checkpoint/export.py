@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors import safe_open
 
-from .checkpoint import CheckpointError, _verify_file, read_metadata
-from .shard import get_state
+from ..engine.shard import get_state
+from .format import CheckpointError, _verify_file, read_metadata
 from .state_dict import full_state_dict
 
 __all__ = ["save_pretrained", "export_checkpoint", "consolidate_checkpoint"]
