@@ -26,13 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, conn: Any, init: bool) -> None:
+def _worker(rank: int, world_size: int, port: int, conn: Any, init: bool, pg_timeout: float) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     if init:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=120),
+            timeout=timedelta(seconds=pg_timeout),
         )
     try:
         while True:
@@ -58,8 +58,9 @@ class RankError(AssertionError):
 
 
 class DistPool:
-    def __init__(self, world_size: int, timeout: float = 300.0, *, init: bool = True) -> None:
-        """init=False forks ranks without a process group (a world of one that never touches torch.distributed)."""
+    def __init__(self, world_size: int, timeout: float = 300.0, *, init: bool = True, pg_timeout: float = 120.0) -> None:
+        """init=False forks ranks without a process group (a world of one that never touches torch.distributed);
+        pg_timeout is the process group's collective timeout (MiCS's groups inherit it)."""
         self.world_size = world_size
         self.timeout = timeout
         ctx = mp.get_context("fork")
@@ -68,7 +69,7 @@ class DistPool:
         self.procs = []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(rank, world_size, port, child, init), daemon=True)
+            proc = ctx.Process(target=_worker, args=(rank, world_size, port, child, init, pg_timeout), daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)

@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping, Sequence, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["MiCSConfig", "MixedPrecisionPolicy", "VALID_CONFIG_KEYS"]
+__all__ = ["MiCSConfig", "MixedPrecisionPolicy", "VALID_CONFIG_KEYS", "COMPILE_KEYS"]
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -84,6 +84,9 @@ class MixedPrecisionPolicy:
         return self.reduce_dtype or self.master_dtype
 
 
+COMPILE_KEYS = ("backend", "mode", "fullgraph", "dynamic", "options")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MiCSConfig:
     """How mics_hf shards a model.
@@ -97,10 +100,14 @@ class MiCSConfig:
     hierarchical: "auto" uses the hierarchical all-gather / reduce-scatter when a partition group spans more
         than one node and k > 1; True forces it (an error if there is a single node); False forces flat.
     param_dtype / reduce_dtype: mixed precision (see MixedPrecisionPolicy).
-    units: module classes (or class names) gathered and freed together. None = the model's repeated layer
-        (the class of its longest nn.ModuleList of same-class modules: the transformer blocks), else the HF
-        model's `_no_split_modules`; the root module always keeps the remaining parameters.
+    units: module classes, class names or module names ("lm_head") gathered and freed together. None = the
+        model's repeated layer (the class of its longest nn.ModuleList or nn.Sequential of same-class modules:
+        the transformer blocks), else the HF model's `_no_split_modules`; the root module always keeps the
+        remaining parameters (a warning says so when that is most of them).
     prefetch: start all-gathering the next unit while the current one computes (forward and backward).
+    compile: torch.compile each unit's forward (not the root's); True for torch.compile's defaults, or a
+        mapping of its keyword arguments (backend, mode, fullgraph, dynamic, options). MiCS's hooks stay
+        outside the compiled regions.
     """
 
     partition_size: int | None = None
@@ -111,6 +118,7 @@ class MiCSConfig:
     reduce_dtype: torch.dtype | None = None
     units: tuple[Union[type[nn.Module], str], ...] | None = None
     prefetch: bool = True
+    compile: bool | Mapping[str, Any] = False
 
     def __post_init__(self) -> None:
         for name in ("partition_size", "devices_per_node"):
@@ -124,12 +132,22 @@ class MiCSConfig:
                     f"node_of_rank={self.node_of_rank!r} must list a non-negative node index for every rank"
                 )
             object.__setattr__(self, "node_of_rank", nodes)
-        if self.hierarchical not in ("auto", True, False):
+        if not (self.hierarchical == "auto" or isinstance(self.hierarchical, bool)):  # 1 == True: not a bool
             raise ValueError(f'hierarchical={self.hierarchical!r} must be "auto", True or False')
         if not isinstance(self.prefetch, bool):
             raise ValueError(f"prefetch={self.prefetch!r} must be True or False")
         object.__setattr__(self, "param_dtype", parse_dtype(self.param_dtype, field="param_dtype"))
         object.__setattr__(self, "reduce_dtype", parse_dtype(self.reduce_dtype, field="reduce_dtype"))
+        if isinstance(self.compile, Mapping):
+            unknown = sorted(set(self.compile) - set(COMPILE_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"compile={dict(self.compile)!r} has unknown key(s) {unknown}; torch.compile options MiCS passes on: "
+                    f"{list(COMPILE_KEYS)}"
+                )
+            object.__setattr__(self, "compile", dict(self.compile))
+        elif not isinstance(self.compile, bool):
+            raise ValueError(f"compile={self.compile!r} must be True, False or a mapping of torch.compile options")
         if self.units is not None:
             units = (self.units,) if isinstance(self.units, (str, type)) else tuple(self.units)
             for unit in units:

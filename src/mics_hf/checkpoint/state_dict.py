@@ -39,6 +39,7 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = Tr
     parallel.
     """
     state = get_state(model)
+    state.reshard_all()  # modules must refer to the shards (a forward without backward leaves the root gathered)
     keep = not rank0_only or state.topology.rank == 0
     by_id: dict[int, tuple[ShardedParam, object]] = {}
     for _, g in state.units:

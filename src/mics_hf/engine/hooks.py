@@ -1,15 +1,32 @@
 """The hooks that drive one training step: unshard before a unit runs, reshard after, reduce after backward.
 
-Forward: the pre-hook of unit i waits for its all-gather and starts the gather of unit i+1 (the order is
-recorded on the first step); the post-hook frees it and arms a pre-backward hook on its outputs.
-Backward: the pre-backward hook gathers unit i again (and prefetches i-1); once every parameter of the unit
-has its gradient, the unit's gradients are reduce-scattered (hop 1) into the fp32 shard gradients. At the
-end of backward a callback waits for all of that and, unless under no_sync(), all-reduces the accumulated
-shards across the replication group (hop 2).
+The path of one step, top to bottom:
 
-[Note: activation checkpointing] Checkpointed units re-run forward during backward. Inside a backward
-(`_current_graph_task_id() != -1`) the post-forward hook therefore never reshards: the unit is freed by its
-gradient reduction instead. unshard/reshard are idempotent, driven by ShardState.
+Forward. The root's pre-hook starts the step: every unit is sharded (a discarded forward or an optimizer step
+since the last one leaves nothing stale), requires_grad changes are picked up, queued collective checks are
+raised. The pre-hook of unit i waits for its all-gather (flat or hierarchical, compute dtype), starts the
+gather of the unit after it in the previous forward's order (prefetch), and routes the unit's tensor inputs
+through `_PostBackward`, an identity whose backward runs once the unit's whole backward, input gradients
+included, has run. The post-hook reshards the unit (not the root) and arms a pre-backward hook on its outputs.
+
+Backward. The pre-backward hook gathers the unit again and prefetches the one before it. `_PostBackward`
+reduce-scatters the unit's gradients (hop 1) into the fp32 shard gradients and reshards it, only now, so
+frozen weights that autograd still needs for input gradients (LoRA) are never freed under it. At the end of
+backward a callback reduces every unit that ran but was not reduced yet (the root; units whose inputs need no
+gradient), waits for hop 1 and, unless under no_sync(), all-reduces the shards across the replication group
+(hop 2, an average: see unit.py's [Note: gradient scaling]).
+
+[Note: structural collectives] Which collectives a rank issues, and in which order, depends only on which
+units ran (forward, recomputation, backward) and on no_sync(): never on which parameters received gradients
+on that rank. A unit with trainable parameters that ran is reduce-scattered even if this rank's data reached
+none of them (zeros); hop 2 runs for every unit that hop 1 touched since the last hop 2. Units that ran on
+some ranks only are caught by the collective tags (unit.py's [Note: collective tags]).
+
+[Note: activation checkpointing] Checkpointed units re-run forward during backward (`_in_backward()`). The
+pre-hook then only gathers and routes inputs through `_PostBackward`: with reentrant checkpointing that
+recomputed graph is the one backpropagated, so its `_PostBackward` fires; with non-reentrant checkpointing the
+recomputed graph only refills saved tensors and the original forward's `_PostBackward` fires. The post-hook
+never reshards inside a backward. unshard/reshard are idempotent, driven by ShardState.
 """
 
 from __future__ import annotations
@@ -19,12 +36,12 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..config import MiCSConfig
+from ..config import MiCSConfig, MixedPrecisionPolicy
 from .collectives import CommStats
 from .topology import Topology
-from .unit import ShardedUnit, ShardState
+from .unit import ShardedUnit, ShardState, TagChecks
 
 __all__ = ["MiCSState", "TrainingState"]
 
@@ -39,32 +56,67 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class MiCSState:
-    """Per-model engine state: the units (root last), the recorded execution order, hooks and statistics."""
+class _PostBackward(torch.autograd.Function):
+    """Identity on a unit's tensor inputs; its backward calls `callback` once their gradients are complete,
+    which autograd can only do after every node of the unit that leads to them has run."""
 
-    def __init__(self, root: nn.Module, units: list[tuple[nn.Module, ShardedUnit]], *, config: MiCSConfig, topology: Topology, stats: CommStats) -> None:
+    @staticmethod
+    def forward(ctx, callback: Callable[[], None], *tensors: torch.Tensor):  # type: ignore[override]
+        ctx.callback = callback
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        ctx.callback()
+        return (None, *grads)
+
+
+class MiCSState:
+    """Per-model engine state: the units (root last), the forward order, hooks, checks and statistics."""
+
+    def __init__(
+        self,
+        root: nn.Module,
+        units: list[tuple[nn.Module, ShardedUnit]],
+        *,
+        config: MiCSConfig,
+        policy: MixedPrecisionPolicy,
+        topology: Topology,
+        stats: CommStats,
+        checks: TagChecks,
+    ) -> None:
         self.root = root
         self.units = units  # (module, unit), root's entry last
-        self.unit_of: dict[int, ShardedUnit] = {id(m): u for m, u in units}
         self.config = config
+        self.policy = policy
         self.topology = topology
         self.stats = stats
+        self.checks = checks
         self.sync_gradients = True
         self.training_state = TrainingState.IDLE
-        self.forward_order: list[ShardedUnit] = []
-        self._order_recorded = False
+        self.forward_order: list[ShardedUnit] = []  # the previous forward's unit order (drives prefetch)
+        self._position: dict[int, int] = {}  # id(unit) -> its index in forward_order
+        self._recording: list[ShardedUnit] = []  # this forward's order, adopted when the forward ends
         self._callback_queued = False
         self.num_backwards = 0
         self.num_hop2 = 0  # optimizer-step syncs performed (for tests and metrics)
         self._handles: list[Any] = []
+        self._unreduced: set[int] = set()  # ids of units that ran since their last reduce-scatter
         self._hop1_started: list[ShardedUnit] = []  # hop 1 launched, hop 2 not yet (this backward)
         self._hop2_started: set[int] = set()
+        self._last_hop2: ShardedUnit | None = None
         self.replaced: dict[int, Any] = {}  # id(original parameter) -> (weakref, shard); set by shard_model
         self._register_hooks()
 
     @property
     def root_unit(self) -> ShardedUnit:
         return self.units[-1][1]
+
+    def reshard_all(self) -> None:
+        """Shard every unit (between steps): what state dicts and checkpoints must read and write."""
+        if self.training_state is TrainingState.IDLE:
+            for _, unit in self.units:
+                unit.reshard()
 
     # ---- registration ------------------------------------------------------------------------------------
     def _register_hooks(self) -> None:
@@ -74,34 +126,45 @@ class MiCSState:
                 module.register_forward_pre_hook(self._make_pre_forward(unit, is_root), with_kwargs=True, prepend=True)
             )
             self._handles.append(module.register_forward_hook(self._make_post_forward(unit, is_root)))
-            for sp in unit.params:
-                if sp.requires_grad:
-                    self._handles.append(sp.unsharded.register_post_accumulate_grad_hook(self._make_grad_ready(unit)))
 
     # ---- forward -----------------------------------------------------------------------------------------
     def _make_pre_forward(self, unit: ShardedUnit, is_root: bool) -> Callable:
         def pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if _in_backward():  # activation-checkpoint recomputation: parameters are (being) gathered already
+            if _in_backward():  # activation-checkpoint recomputation, see [Note: activation checkpointing]
                 unit.wait_unshard()
-                return None
+                self._unreduced.add(id(unit))
+                return None if is_root else self._route_inputs(unit, args, kwargs)
             if is_root:
                 self._begin_forward()
-            elif not self._order_recorded and unit not in self.forward_order:
-                self.forward_order.append(unit)
+            elif not self._recording or self._recording[-1] is not unit:
+                self._recording.append(unit)
             unit.wait_unshard()
-            if self.config.prefetch and self._order_recorded and not is_root:
-                nxt = self._neighbour(unit, +1)
+            if self.config.prefetch and self.forward_order:
+                nxt = self.forward_order[0] if is_root else self._neighbour(unit, +1)
                 if nxt is not None:
                     nxt.unshard()
-            elif self.config.prefetch and self._order_recorded and is_root and self.forward_order:
-                self.forward_order[0].unshard()
-            if is_root and self.config.param_dtype is not None:
-                dtype = self.config.param_dtype
+            if torch.is_grad_enabled():
+                self._unreduced.add(id(unit))
+            if is_root and self.policy.param_dtype is not None:
+                dtype = self.policy.param_dtype
                 cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
                 return tree_map(cast, args), tree_map(cast, kwargs)
-            return None
+            return None if is_root else self._route_inputs(unit, args, kwargs)
 
         return pre_forward
+
+    def _route_inputs(self, unit: ShardedUnit, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Pass the unit's inputs that need gradients through _PostBackward (nothing to do if none does)."""
+        if not torch.is_grad_enabled():
+            return None
+        leaves, spec = tree_flatten((args, kwargs))
+        picked = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not picked:
+            return None
+        routed = _PostBackward.apply(lambda: self._post_backward(unit), *(leaves[i] for i in picked))
+        for i, t in zip(picked, routed):
+            leaves[i] = t
+        return tree_unflatten(leaves, spec)
 
     def _make_post_forward(self, unit: ShardedUnit, is_root: bool) -> Callable:
         def post_forward(module: nn.Module, args: tuple, output: Any) -> None:
@@ -110,10 +173,7 @@ class MiCSState:
                     self._arm_pre_backward(unit, output)
                 return None
             if is_root:
-                self._order_recorded = True
-                if not torch.is_grad_enabled():  # no backward will follow: free everything now
-                    self._finish_without_backward()
-                self.training_state = TrainingState.IDLE
+                self._end_forward()
             else:
                 unit.reshard()  # the backward gathers it again (the MiCS/ZeRO-3 memory saving)
             if torch.is_grad_enabled():
@@ -123,21 +183,29 @@ class MiCSState:
         return post_forward
 
     def _begin_forward(self) -> None:
-        # Units left gathered by an abandoned step (a prefetch, a forward without backward) start clean.
-        for _, u in self.units:
-            if u is not self.root_unit:
-                u.reshard()
-        self.training_state = TrainingState.FORWARD
-
-    def _finish_without_backward(self) -> None:
+        self.checks.raise_pending()
+        # Start from sharded units: what an abandoned step (a prefetch, a forward without backward) left
+        # gathered, and the root after an optimizer step or a checkpoint load, are gathered afresh.
         for _, u in self.units:
             u.reshard()
+            u.refresh_trainable()
+        self._recording = []
+        self.training_state = TrainingState.FORWARD
+
+    def _end_forward(self) -> None:
+        if self._recording:
+            self.forward_order = self._recording
+            self._position = {id(u): i for i, u in enumerate(self.forward_order)}
+        if not torch.is_grad_enabled():  # no backward will follow: free everything now
+            for _, u in self.units:
+                u.reshard()
+        self.training_state = TrainingState.IDLE
 
     def _neighbour(self, unit: ShardedUnit, step: int) -> ShardedUnit | None:
-        try:
-            i = self.forward_order.index(unit) + step
-        except ValueError:
+        i = self._position.get(id(unit))
+        if i is None:
             return None
+        i += step
         return self.forward_order[i] if 0 <= i < len(self.forward_order) else None
 
     # ---- backward ----------------------------------------------------------------------------------------
@@ -155,6 +223,7 @@ class MiCSState:
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             if unit.state is not ShardState.UNSHARDED:
                 unit.wait_unshard()
+            self._unreduced.add(id(unit))
             if self.config.prefetch and self.forward_order:
                 prev = self.forward_order[-1] if unit is self.root_unit else self._neighbour(unit, -1)
                 if prev is not None:
@@ -163,17 +232,13 @@ class MiCSState:
 
         return pre_backward
 
-    def _make_grad_ready(self, unit: ShardedUnit) -> Callable:
-        def grad_ready(param: torch.Tensor) -> None:
-            unit.num_grads_ready += 1
-            if unit.num_grads_ready == unit.num_grad_params:
-                self._progress_reductions()
-                unit.reduce_grads()
-                if unit is not self.root_unit:
-                    unit.reshard()
-                self._hop1_started.append(unit)
-
-        return grad_ready
+    def _post_backward(self, unit: ShardedUnit) -> None:
+        """The unit's whole backward has run: reduce-scatter its gradients (hop 1), then free it."""
+        self._progress_reductions()
+        unit.reduce_grads()
+        self._unreduced.discard(id(unit))
+        self._hop1_started.append(unit)
+        unit.reshard()
 
     def _progress_reductions(self) -> None:
         """Keep the reductions in flight moving; called when a unit's gradients are ready, before its own.
@@ -192,21 +257,30 @@ class MiCSState:
         while len(self._hop1_started) > 1:
             u = self._hop1_started.pop(0)
             u.wait_reduce()
-            u.all_reduce_grads()
-            self._hop2_started.add(id(u))
+            self._start_hop2(u)
+
+    def _start_hop2(self, unit: ShardedUnit) -> None:
+        """Start hop 2 for `unit`. On CPU the previous unit's hop 2 is finished (and its tags checked) first:
+        gloo aborts the process on a size mismatch, so a mismatched pairing must be reported before the next
+        all-reduce is issued. On CUDA they stay in flight together (the tags are checked later)."""
+        if self._last_hop2 is not None and not unit.device.type == "cuda":
+            self._last_hop2.wait_all_reduce()
+        unit.all_reduce_grads()
+        self._last_hop2 = unit
+        self._hop2_started.add(id(unit))
 
     def _end_of_backward(self) -> None:
         """Runs once after the whole backward: finish hop 1 for every unit, then hop 2 unless under no_sync."""
         try:
-            for _, u in reversed(self.units):
-                if u.num_grads_ready > 0:  # parameters the step did not use: reduce what did arrive
+            for _, u in reversed(self.units):  # units that ran but were not reduced yet, in a fixed order
+                if id(u) in self._unreduced:
                     u.reduce_grads()
             for _, u in self.units:
                 u.wait_reduce()
             if self.sync_gradients:
                 for _, u in self.units:
                     if id(u) not in self._hop2_started:
-                        u.all_reduce_grads()
+                        self._start_hop2(u)
                 for _, u in self.units:
                     u.wait_all_reduce()
                 self.num_hop2 += 1
@@ -215,8 +289,10 @@ class MiCSState:
                 u.reshard()
             self.num_backwards += 1
         finally:
+            self._unreduced.clear()
             self._hop1_started.clear()
             self._hop2_started.clear()
+            self._last_hop2 = None
             self._callback_queued = False
             self.training_state = TrainingState.IDLE
 

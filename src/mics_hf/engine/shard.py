@@ -8,8 +8,11 @@ which is what `model.parameters()` returns and what optimizers must be built on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
+import warnings
 import weakref
+from collections import Counter
 from typing import Iterator
 
 import torch
@@ -28,7 +31,7 @@ from .topology import (
     require_divides,
     world_and_rank,
 )
-from .unit import CommStreams, ShardedParam, ShardedUnit, UnitGroups
+from .unit import CommStreams, ShardedParam, ShardedUnit, TagChecks, UnitGroups
 
 __all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state"]
 
@@ -63,8 +66,7 @@ class MiCSModule:
 
     def reshard(self) -> None:
         """Free every gathered parameter (e.g. after generation outside a training step)."""
-        for _, g in self.mics_state.units:
-            g.reshard()
+        self.mics_state.reshard_all()
 
 
 _CLASS_CACHE: dict[type, type] = {}
@@ -171,40 +173,67 @@ def _resolve_topology(config: MiCSConfig, world_size: int, rank: int) -> Topolog
 
 
 def _unit_modules(model: nn.Module, config: MiCSConfig) -> list[tuple[str, nn.Module]]:
-    """The modules gathered as one unit each, in module order; the root is added by the caller."""
+    """The modules gathered as one unit each, in module order; the root is added by the caller.
+
+    `units` entries are module classes, class names, or module names (paths such as "lm_head" or
+    "model.embed_tokens"); a string that names a module of the model is taken as a module name.
+    """
     wanted = config.units
     if wanted is None:
         wanted = _repeated_layer_class(model) or tuple(getattr(model, "_no_split_modules", None) or [])
     if not wanted:
         return []
-    class_names = {w for w in wanted if isinstance(w, str)}
+    named = dict(model.named_modules())
+    paths = {w for w in wanted if isinstance(w, str) and w and w in named}
+    class_names = {w for w in wanted if isinstance(w, str) and w not in paths}
     classes = tuple(w for w in wanted if isinstance(w, type))
     found = [
         (name, m)
-        for name, m in model.named_modules()
-        if m is not model and (type(m).__name__ in class_names or (classes and isinstance(m, classes)))
+        for name, m in named.items()
+        if m is not model
+        and (name in paths or type(m).__name__ in class_names or (classes and isinstance(m, classes)))
     ]
-    if config.units is not None and not found:
-        raise ValueError(
-            f"no module of {type(model).__name__} matches units={list(config.units)}; name classes that occur in "
-            "the model (e.g. its transformer block class), or leave units=None"
-        )
+    if config.units is not None:
+        matched_classes = {type(m).__name__ for _, m in found} | {c.__name__ for c in classes if any(isinstance(m, c) for _, m in found)}
+        unmatched = sorted(w if isinstance(w, str) else w.__name__ for w in wanted if not (
+            (isinstance(w, str) and (w in paths or w in matched_classes)) or (isinstance(w, type) and w.__name__ in matched_classes)))
+        if unmatched:
+            raise ValueError(
+                f"no module of {type(model).__name__} matches units={unmatched}; give module classes or class names "
+                "that occur in the model (e.g. its transformer block class) or module names such as 'lm_head', or "
+                "leave units=None for the model's repeated layer"
+            )
     return found
 
 
 def _repeated_layer_class(model: nn.Module) -> tuple[str, ...]:
-    """The class of the longest nn.ModuleList whose items all share one class: the transformer layers.
+    """The class that repeats most among the parameterised children of one nn.ModuleList or nn.Sequential.
 
-    Preferred over `_no_split_modules`, which only lists what must stay on one device and can name sub-modules
-    (RobertaPreLayerNorm names its attention and embeddings: its FFN weights, two thirds of every layer, would
-    then sit in the root unit, gathered for the whole step).
+    That is the transformer layers of an HF model (a ModuleList) and the blocks of timm / torchvision-style
+    models or of a model that is itself an nn.Sequential (stem, blocks, head). Preferred over `_no_split_modules`, which only lists what must stay on one device
+    and can name sub-modules (RobertaPreLayerNorm names its attention and embeddings: its FFN weights, two
+    thirds of every layer, would then sit in the root unit, gathered for the whole step).
     """
-    best: list[nn.Module] = []
+    best: tuple[int, str] = (1, "")  # (how many children, class name); a class must repeat to count
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best):
-            if len({type(m) for m in module}) == 1 and any(True for _ in module[0].parameters()):
-                best = list(module)
-    return (type(best[0]).__name__,) if best else ()
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            counts = Counter(type(m).__name__ for m in module.children() if any(True for _ in m.parameters()))
+            for name, count in counts.items():
+                best = max(best, (count, name))
+    return (best[1],) if best[1] else ()
+
+
+def _warn_if_root_is_heavy(model: nn.Module, assignment: dict[str, list], p: int) -> None:
+    """A root unit that holds most parameters is gathered whole for the entire step: say so, and how to fix it."""
+    sizes = {unit: sum(entry[1].numel() for entry in entries) for unit, entries in assignment.items()}
+    total = sum(sizes.values())
+    if p > 1 and total and sizes.get("", 0) > total / 2:
+        warnings.warn(
+            f"mics_hf: the root unit of {type(model).__name__} holds {sizes[''] / total:.0%} of its parameters "
+            f"({len(assignment) - 1} other unit(s)), so they stay gathered for the whole step and MiCS saves little "
+            "memory; pass MiCSConfig(units=...) with the class or module names of the model's repeated blocks",
+            stacklevel=3,
+        )
 
 
 def _assign_parameters(model: nn.Module, unit_names: list[str]) -> dict[str, list[tuple[str, nn.Parameter, list[tuple[nn.Module, str]]]]]:
@@ -245,6 +274,12 @@ def _common_unit(owners: set[str], units_sorted: list[str]) -> str:
             return prefix
         prefix = prefix.rpartition(".")[0]
     return ""
+
+
+def _loaded_low_precision(model: nn.Module) -> torch.dtype | None:
+    """bf16 or fp16 when every floating parameter of the model was loaded in it (it then computes in it)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16} else None
 
 
 def _master_dtype(model: nn.Module) -> torch.dtype:
@@ -292,6 +327,13 @@ def _materialise_unit(model: nn.Module, unit: nn.Module, entries: list, other_un
     return fresh
 
 
+def _compile_forward(module: nn.Module, options: bool | dict) -> None:
+    """torch.compile the unit's forward only: MiCS's hooks (gathers, reductions) stay outside the compiled
+    region, as FSDP2 users do with per-block compile, so dynamo never traces a collective."""
+    kwargs = dict(options) if isinstance(options, dict) else {}
+    module.forward = torch.compile(module.forward, **kwargs)
+
+
 def _comm_groups(topology: Topology) -> UnitGroups:
     pgs = create_process_groups(topology)
     if topology.world_size > 1:
@@ -328,6 +370,9 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
     groups = _comm_groups(topology)
     stats = CommStats()
     policy = config.mixed_precision.for_master(_master_dtype(model))
+    if policy.param_dtype is None and _loaded_low_precision(model) is not None:
+        # A model loaded in bf16/fp16 computes in that dtype, as it does unsharded; the masters are still fp32.
+        policy = dataclasses.replace(policy, param_dtype=_loaded_low_precision(model))
     first = next(model.parameters())
     if first.is_meta:
         device = torch.device(device) if device is not None else (
@@ -338,7 +383,9 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
     streams = CommStreams(device) if device.type == "cuda" else None  # see [Note: stream ordering]
     unit_entries = _unit_modules(model, config)
     assignment = _assign_parameters(model, [n for n, _ in unit_entries])
+    _warn_if_root_is_heavy(model, assignment, topology.partition_size)
     units: list[tuple[nn.Module, ShardedUnit]] = []
+    checks = TagChecks(lambda i: repr(units[i][1].label) if 0 <= i < len(units) else f"unit #{i}")
     replaced: dict[int, tuple[weakref.ref, nn.Parameter]] = {}
     # innermost units first (deepest path first, the root last): a unit's materialisation then never touches
     # modules of a nested unit, whose parameters are already shards
@@ -355,12 +402,17 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
             sharded.append(sp)
         if not sharded and module is not model:
             continue
-        group = ShardedUnit(name, sharded, topology=topology, groups=groups, policy=policy, stats=stats, device=device, streams=streams)
+        unit = ShardedUnit(
+            name, sharded, topology=topology, groups=groups, policy=policy, stats=stats, device=device,
+            streams=streams, index=len(units), checks=checks,
+        )
         for sp in sharded:
             sp.point_modules_to(sp.sharded)
-        units.append((module, group))
+        units.append((module, unit))
+        if config.compile and module is not model:
+            _compile_forward(module, config.compile)
 
-    state = MiCSState(model, units, config=config, topology=topology, stats=stats)
+    state = MiCSState(model, units, config=config, policy=policy, topology=topology, stats=stats, checks=checks)
     state.replaced = replaced
     setattr(model, _STATE_ATTR, state)
     model.__class__ = _mics_class(type(model))

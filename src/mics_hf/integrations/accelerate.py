@@ -17,10 +17,11 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
+from accelerate.utils import DynamoBackend
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..checkpoint.state_dict import full_state_dict
-from ..config import MiCSConfig
+from ..config import COMPILE_KEYS, MiCSConfig
 from ..engine.optim import clip_grad_norm_ as mics_clip_grad_norm_
 from ..engine.shard import get_state, is_sharded, shard_model, sharded_param_for
 from ..engine.stats import comm_stats
@@ -81,6 +82,11 @@ class MiCSAccelerator(Accelerator):
                 values["devices_per_node"] = k
         if values.get("param_dtype") is None and self.mixed_precision in _MIXED_TO_DTYPE:
             values["param_dtype"] = _MIXED_TO_DTYPE[self.mixed_precision]
+        dynamo = self.state.dynamo_plugin
+        if not values.get("compile") and dynamo is not None and dynamo.backend != DynamoBackend.NO:
+            # Accelerate's dynamo settings (and the Trainer's --torch_compile) compile each unit's forward: a
+            # whole-model torch.compile would trace MiCS's hooks and collectives, so prepare() never does that.
+            values["compile"] = {k: v for k, v in dynamo.to_kwargs().items() if k in COMPILE_KEYS and v is not None}
         config = MiCSConfig.from_dict(values)
         # Validate the layout now, before any model is touched: a partition size that does not fit is an error
         # at construction time, not after the model was loaded.
