@@ -54,6 +54,20 @@ def full_grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: by_id[id(p)] for name, p in net.named_parameters(remove_duplicate=False)}
 
 
+def full_optimizer_state(net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer state of every parameter at full size (sharded tensors gathered, scalars as they are)."""
+    state = get_state(net)
+    out = {}
+    for _, g in state.units:
+        for sp in g.params:
+            for key, value in opt.state[sp.sharded].items():
+                if value.dim() > 0:
+                    out[f"{sp.fqn}/{key}"] = gather_full_param(sp, g.groups.partition.pg, state.topology.partition_size, value)
+                else:
+                    out[f"{sp.fqn}/{key}"] = value.clone()
+    return out
+
+
 def run_parity(
     rank: int,
     world: int,

@@ -9,9 +9,8 @@ import torch
 
 import mics_hf
 from distributed import DistPool
-from mics_hf.engine.shard import get_state
-from mics_hf.checkpoint.state_dict import gather_full_param
 from models import global_batches, tiny_gpt2
+from parity import full_optimizer_state
 
 ACCUM = 2
 STEPS = 6
@@ -74,19 +73,6 @@ def test_resume_in_new_processes_is_exact(pools, tmp_path):
 
 
 # ---- resharding: (world 8, p 4) -> (4, 2), (2, 1), (8, 8) --------------------------------------------------
-def _full_optimizer_state(net, opt) -> dict[str, torch.Tensor]:
-    state = get_state(net)
-    out = {}
-    for _, g in state.units:
-        for sp in g.params:
-            for key, value in opt.state[sp.sharded].items():
-                if value.dim() > 0:
-                    out[f"{sp.fqn}/{key}"] = gather_full_param(sp, g.groups.partition.pg, state.topology.partition_size, value)
-                else:
-                    out[f"{sp.fqn}/{key}"] = value.clone()
-    return out
-
-
 def _save_after_steps(rank: int, world: int, *, root: str, p: int, k: int) -> dict:
     net, opt, _ = _make(world, p, k, dropout=0.0)
     data = global_batches(steps=2, accum=1, world=world, micro=1)
@@ -95,13 +81,13 @@ def _save_after_steps(rank: int, world: int, *, root: str, p: int, k: int) -> di
         opt.step()
         opt.zero_grad()
     mics_hf.save_checkpoint(root, net, opt, step=2)
-    return {"params": mics_hf.full_state_dict(net, rank0_only=False), "optim": _full_optimizer_state(net, opt)}
+    return {"params": mics_hf.full_state_dict(net, rank0_only=False), "optim": full_optimizer_state(net, opt)}
 
 
 def _load_at(rank: int, world: int, *, root: str, p: int, k: int) -> dict:
     net, opt, _ = _make(world, p, k, dropout=0.0)
     mics_hf.load_checkpoint(root, net, opt)
-    return {"params": mics_hf.full_state_dict(net, rank0_only=False), "optim": _full_optimizer_state(net, opt)}
+    return {"params": mics_hf.full_state_dict(net, rank0_only=False), "optim": full_optimizer_state(net, opt)}
 
 
 def test_resharding_matrix(pools, tmp_path):

@@ -88,7 +88,8 @@ def train(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: A
                 f.write(__import__("json").dumps({"step": args.max_steps, **final_eval}) + "\n")
     accelerator.save_state(str(paths["checkpoints"]))
     if not args.no_save_model:
-        mics_hf.save_pretrained(model, paths["model"], tokenizer=recipe.tokenizer)
+        # the recipe owns <output_dir>/model: a rerun replaces the files it wrote there, nothing else
+        mics_hf.save_pretrained(model, paths["model"], tokenizer=recipe.tokenizer, overwrite=True)
     if accelerator.is_main_process:
         print(summary_table(writer.rows))
         for key, value in final_eval.items():

@@ -28,7 +28,7 @@ def _topology(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .checkpoint.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out_dir, tokenizer=args.tokenizer)
+    out = export_checkpoint(args.checkpoint, args.out_dir, tokenizer=args.tokenizer, overwrite=args.overwrite)
     print(f"wrote a Hugging Face model directory to {out}")
     return 0
 
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("checkpoint", help="a step directory, or a checkpoint root with a `latest` pointer")
     export.add_argument("out_dir")
     export.add_argument("--tokenizer", default=None, help="tokenizer directory to copy (default: the checkpoint's own)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="export into a non-empty out_dir, replacing only the files the export writes")
     export.set_defaults(func=_export)
     planner = sub.add_parser("plan", help="pick the partition size and predict MiCS vs ZeRO-3 vs HSDP (cost model)")
     planner.add_argument("--model", required=True, help="a preset: gpt-175b, gpt-100b, bert-10b, gpt2-10b, ...")

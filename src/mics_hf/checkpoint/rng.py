@@ -9,7 +9,17 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["capture_rng", "restore_rng"]
+__all__ = ["capture_rng", "restore_rng", "check_rng"]
+
+# key -> (dtype, length or None for "as long as this machine's state")
+_LAYOUT: dict[str, tuple[torch.dtype, int | None]] = {
+    "cpu": (torch.uint8, None),
+    "cuda": (torch.uint8, None),
+    "python": (torch.int64, 627),  # version, 624 words and the position, gauss flag
+    "python_gauss": (torch.float64, 1),
+    "numpy": (torch.int64, 626),  # 624 keys, position, has_gauss
+    "numpy_gauss": (torch.float64, 1),
+}
 
 
 def capture_rng() -> dict[str, torch.Tensor]:
@@ -33,7 +43,40 @@ def capture_rng() -> dict[str, torch.Tensor]:
     return rng
 
 
+def check_rng(rng: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse RNG states that `restore_rng` would reject or misread, before anything is restored.
+
+    Checks the keys, dtypes and lengths, then restores them once and puts the current states back (a dry run:
+    torch, Python and NumPy validate their own states), so a bad file is an error while nothing has changed.
+    """
+    from .files import CheckpointError
+
+    unknown = sorted(set(rng) - set(_LAYOUT))
+    if unknown or "cpu" not in rng:
+        raise CheckpointError(f"{where} holds RNG streams {sorted(rng)[:8]}, expected 'cpu' and some of {list(_LAYOUT)}")
+    for key, value in rng.items():
+        dtype, length = _LAYOUT[key]
+        if key == "cpu":
+            length = torch.get_rng_state().numel()
+        if value.dtype != dtype or value.dim() != 1 or (length is not None and value.numel() != length):
+            raise CheckpointError(
+                f"{where}: RNG stream {key!r} is {str(value.dtype).removeprefix('torch.')} {list(value.shape)}, expected "
+                f"{str(dtype).removeprefix('torch.')} [{length if length is not None else 'n'}]; the file is corrupted"
+            )
+    for key in ("python", "numpy"):
+        if key in rng and f"{key}_gauss" not in rng:
+            raise CheckpointError(f"{where}: RNG stream {key!r} comes without {key + '_gauss'!r}; the file is corrupted")
+    current = capture_rng()
+    try:
+        restore_rng(rng)
+    except Exception as exc:
+        raise CheckpointError(f"{where}: the RNG states are invalid ({type(exc).__name__}: {str(exc)[:200]}); the file is corrupted") from None
+    finally:
+        restore_rng(current)
+
+
 def restore_rng(rng: Mapping[str, torch.Tensor]) -> None:
+    """Set every RNG from `capture_rng`'s tensors (validate them with `check_rng` first)."""
     import random
 
     torch.set_rng_state(rng["cpu"])

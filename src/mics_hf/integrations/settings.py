@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,16 +51,56 @@ class MiCSSettings(dict):
         self.source = source
 
 
+_FILE_LIMIT = 1 << 20  # bytes: a MiCS or Accelerate config is a few hundred
+_VALUE_LIMIT = 100_000  # values after YAML aliases are expanded (a rank -> node map of 100k ranks fits)
+_MESSAGE_LIMIT = 2000  # characters of a config value or error that a message may quote
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 80
+_SHOW.maxlist = _SHOW.maxdict = _SHOW.maxtuple = 8
+_SHOW.maxlevel = 3
+
+
+def _short(text: str) -> str:
+    """A message cut to _MESSAGE_LIMIT characters, so a huge value can never make a huge error."""
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + f"... ({len(text) - _MESSAGE_LIMIT} more characters)"
+
+
+def _check_size(data: Any, what: str) -> None:
+    """Refuse values that expand to more than _VALUE_LIMIT nodes (a YAML alias bomb: 500 bytes, 10^9 values),
+    counting with an early stop, before anything prints or walks them."""
+    budget, characters = _VALUE_LIMIT, _FILE_LIMIT
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        budget -= 1
+        characters -= len(value) if isinstance(value, str) else 0
+        if budget < 0 or characters < 0:
+            raise ValueError(
+                f"{what} expands to more than {_VALUE_LIMIT} values or {_FILE_LIMIT} characters (YAML anchors and aliases "
+                "can multiply a small file); "
+                "a MiCS config is a handful of keys: write them out"
+            )
+        if isinstance(value, Mapping):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+
+
 def _load_file(path: Path, what: str) -> Any:
+    """A JSON or YAML file (by suffix), size-bounded and checked by _check_size; errors quote at most a little."""
     if not path.is_file():
         raise ValueError(f"{what} points to {path}, which does not exist; give an existing JSON/YAML file or a JSON string")
+    if path.stat().st_size > _FILE_LIMIT:
+        raise ValueError(f"{what}: {path} has {path.stat().st_size} bytes, more than a config file can ({_FILE_LIMIT}); check the path")
     text = path.read_text()
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            return yaml.safe_load(text)
-        return json.loads(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"{what}: {path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {exc}") from exc
+        data = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError, RecursionError) as exc:
+        raise ValueError(_short(f"{what}: {path} is not valid {'YAML' if is_yaml else 'JSON'}: {exc}")) from None
+    _check_size(data, f"{what} ({path})")
+    return data
 
 
 def parse_mics_value(value: str | os.PathLike | Mapping[str, Any], *, what: str) -> dict[str, Any]:
@@ -71,17 +112,21 @@ def parse_mics_value(value: str | os.PathLike | Mapping[str, Any], *, what: str)
         if text.startswith("{"):
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{what} is not valid JSON ({exc}): {text[:80]!r}; e.g. '{{\"partition_size\": 8}}'") from exc
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise ValueError(f"{what} is not valid JSON ({_short(str(exc))}): {text[:80]!r}; e.g. '{{\"partition_size\": 8}}'") from None
         elif text == "":
             data = {}
         else:
             data = _load_file(Path(text).expanduser(), what)
+    _check_size(data, what)
     if isinstance(data, Mapping) and BLOCK_KEY in data and isinstance(data[BLOCK_KEY], Mapping):
         data = data[BLOCK_KEY]  # a whole file with a `mics:` section
     if not isinstance(data, Mapping):
-        raise ValueError(f"{what} must be a mapping of MiCS keys ({list(VALID_CONFIG_KEYS)}), got {type(data).__name__}")
-    MiCSConfig.from_dict(data)  # unknown keys / bad values fail here, with the list of valid keys
+        raise ValueError(f"{what} must be a mapping of MiCS keys ({list(VALID_CONFIG_KEYS)}), got {_SHOW.repr(data)}")
+    try:
+        MiCSConfig.from_dict(data)  # unknown keys / bad values (hierarchical=1 included) fail here, listing the valid ones
+    except ValueError as exc:
+        raise ValueError(_short(f"{what}: {exc}")) from None
     return dict(data)
 
 
@@ -92,6 +137,7 @@ def read_accelerate_config(path: str | os.PathLike) -> tuple[dict[str, Any], dic
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Accelerate config file {path} does not exist")
+    _load_file(path, "Accelerate config file")  # bounded first: Accelerate's loader would print any value it rejects
     cluster = ClusterConfig.from_yaml_file(str(path)) if path.suffix.lower() in (".yaml", ".yml") else ClusterConfig.from_json_file(str(path))
     raw = cluster.to_dict()
     section = raw.get(BLOCK_SECTION) or {}
