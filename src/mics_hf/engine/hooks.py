@@ -263,7 +263,7 @@ class MiCSState:
         """Start hop 2 for `unit`. On CPU the previous unit's hop 2 is finished (and its tags checked) first:
         gloo aborts the process on a size mismatch, so a mismatched pairing must be reported before the next
         all-reduce is issued. On CUDA they stay in flight together (the tags are checked later)."""
-        if self._last_hop2 is not None and not unit.device.type == "cuda":
+        if self._last_hop2 is not None and unit.device.type != "cuda":
             self._last_hop2.wait_all_reduce()
         unit.all_reduce_grads()
         self._last_hop2 = unit

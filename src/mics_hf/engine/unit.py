@@ -216,15 +216,11 @@ class ShardedUnit:
         self._tags: dict[tuple, torch.Tensor] = {}
         for dtype in {policy.compute_dtype, policy.gradient_reduce_dtype, policy.master_dtype}:
             self._gather_tag(dtype), self._sum_tag(dtype)  # on the compute stream, before any side stream reads them
-        self._trainable: tuple[bool, ...] | None = None
+        self._trainable_flags: tuple[bool, ...] | None = None
         self.grad_flat = torch.zeros(0, dtype=policy.master_dtype, device=device)
         self.refresh_trainable()
 
     # ---- trainable parameters and the gradient layout ----------------------------------------------------
-    @property
-    def trainable(self) -> list[ShardedParam]:
-        return [sp for sp in self.params if sp.grad_offset >= 0]
-
     def refresh_trainable(self) -> bool:
         """Follow requires_grad changes made on the shards (e.g. freezing for LoRA after sharding); True if any.
 
@@ -233,7 +229,7 @@ class ShardedUnit:
         no slot. Gradients accumulated so far are kept for parameters that stay trainable.
         """
         flags = tuple(sp.requires_grad for sp in self.params)
-        if flags == self._trainable:
+        if flags == self._trainable_flags:
             return False
         kept = {id(sp): sp.sharded.grad for sp in self.params if sp.requires_grad and sp.sharded.grad is not None}
         offset = 0
@@ -241,6 +237,7 @@ class ShardedUnit:
             sp.unsharded.requires_grad_(trainable)
             sp.grad_offset = offset if trainable else -1
             offset += sp.padded_len if trainable else 0
+        self.trainable = [sp for sp in self.params if sp.grad_offset >= 0]  # read on every reduction
         self.grad_numel = offset  # trainable elements of one position's segment (tags excluded)
         self.grad_flat = torch.zeros(offset + TAG_NUMEL, dtype=self.policy.master_dtype, device=self.device)
         with torch.no_grad():
@@ -252,7 +249,7 @@ class ShardedUnit:
                     sp.sharded.grad = view
                 elif not sp.requires_grad:
                     sp.sharded.grad = None
-        self._trainable = flags
+        self._trainable_flags = flags
         return True
 
     def _grad_view(self, sp: ShardedParam) -> torch.Tensor:
