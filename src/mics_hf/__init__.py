@@ -41,6 +41,7 @@ __all__ = [
     "MiCSAccelerator",
     "MiCSTrainingArguments",
     "MiCSTrainer",
+    "from_pretrained",
 ]
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ _INTEGRATIONS = {
     "MiCSAccelerator": ("mics_hf.integrations.accelerate", "MiCSAccelerator"),
     "MiCSTrainingArguments": ("mics_hf.integrations.trainer", "MiCSTrainingArguments"),
     "MiCSTrainer": ("mics_hf.integrations.trainer", "MiCSTrainer"),
+    "from_pretrained": ("mics_hf.integrations.pretrained", "from_pretrained"),
 }
 
 

@@ -13,7 +13,7 @@ import socket
 import warnings
 import weakref
 from collections import Counter
-from typing import Iterator
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,7 @@ import torch.nn as nn
 from ..config import MiCSConfig
 from .collectives import CommGroup, CommStats
 from .hooks import MiCSState
+from .replicas import verify_replicas
 from .teardown import release_at_exit
 from .topology import (
     Topology,
@@ -33,7 +34,7 @@ from .topology import (
 )
 from .unit import CommStreams, ShardedParam, ShardedUnit, TagChecks, UnitGroups
 
-__all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state"]
+__all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state", "WeightSource"]
 
 _STATE_ATTR = "_mics_state"
 
@@ -303,21 +304,46 @@ def _init_function(model: nn.Module):
     return None
 
 
-def _materialise_unit(model: nn.Module, unit: nn.Module, entries: list, other_units: list[nn.Module], device: torch.device) -> list:
-    """Give a meta-device unit real, initialised parameters: one unit at a time, never the whole model.
+class WeightSource(Protocol):
+    """Where a meta-device model's weights come from (e.g. a pretrained checkpoint; see mics_hf.checkpoint.pretrained)."""
 
-    Every rank initialises the same full unit from the same RNG state (the model's initial weights do not
-    depend on the rank), then keeps only its shard. Modules inside other units are skipped: their parameters
-    are already shards.
+    def rows(self, names: Sequence[str], shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor | None:
+        """Rows [start, stop) along dim 0 of the parameter known by `names` (tied weights: several), shaped
+        (stop - start, *shape[1:]); None when the source does not hold it (it is then initialised)."""
+
+    def buffer(self, names: Sequence[str], like: torch.Tensor) -> torch.Tensor | None:
+        """The saved value of a persistent buffer, or None to keep the model's own."""
+
+
+def _names_by_param(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def _materialise_unit(
+    model: nn.Module, unit: nn.Module, entries: list, other_units: list[nn.Module], device: torch.device,
+    rows_of: "Callable[[str, nn.Parameter], torch.Tensor | None]",
+) -> list[tuple]:
+    """(fqn, param, uses, original, local rows or None) for a unit's parameters, materialising meta ones.
+
+    A meta-device unit is given real parameters one unit at a time, never the whole model: this rank's rows
+    come from the weight source when it holds them (no full tensor is ever built); otherwise every rank
+    initialises the same full unit from the same RNG state (the model's initial weights do not depend on the
+    rank) and keeps only its shard. Modules inside other units are skipped: their parameters are already shards.
     """
     if not entries or not entries[0][1].is_meta:
-        return entries
+        return [(fqn, p, uses, p, None) for fqn, p, uses in entries]
+    loaded = {fqn: rows_of(fqn, p) for fqn, p, _ in entries}
+    if all(v is not None for v in loaded.values()):
+        return [(fqn, p, uses, p, loaded[fqn]) for fqn, p, uses in entries]
     fresh = []
     for fqn, p, uses in entries:
         real = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
         for module, name in uses:
             module._parameters[name] = real
-        fresh.append((fqn, real, uses, p))
+        fresh.append((fqn, real, uses, p, loaded[fqn]))
     inside_nested = {id(m) for u in other_units for m in u.modules()}
     init = _init_function(model)
     with torch.no_grad():
@@ -325,6 +351,30 @@ def _materialise_unit(model: nn.Module, unit: nn.Module, entries: list, other_un
             if id(module) not in inside_nested:
                 init(module)
     return fresh
+
+
+def _load_buffers(model: nn.Module, weights: WeightSource | None, device: torch.device) -> None:
+    """Move the model's buffers to `device` and, from a weight source, read the persistent ones it holds."""
+    non_persistent = {
+        (f"{mod_name}.{b}" if mod_name else b)
+        for mod_name, m in model.named_modules()
+        for b in getattr(m, "_non_persistent_buffers_set", ())
+    }
+    for mod_name, module in model.named_modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is None:
+                continue
+            fqn = f"{mod_name}.{name}" if mod_name else name
+            saved = weights.buffer([fqn], buf) if weights is not None and fqn not in non_persistent else None
+            if saved is not None:
+                module._buffers[name] = saved.to(device=device, dtype=buf.dtype)
+            elif buf.is_meta:
+                raise ValueError(
+                    f"buffer {fqn!r} is on the meta device and no weights hold it; build the model under "
+                    "accelerate.init_empty_weights(include_buffers=False), which keeps buffers real"
+                )
+            elif buf.device != device:
+                module._buffers[name] = buf.to(device)
 
 
 def _compile_forward(module: nn.Module, options: bool | dict) -> None:
@@ -352,7 +402,10 @@ def _comm_groups(topology: Topology) -> UnitGroups:
     return UnitGroups(partition=partition, replication=replication, intra_node=intra, inter_node=inter, chunk_order=order)
 
 
-def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: torch.device | str | None = None) -> nn.Module:
+def shard_model(
+    model: nn.Module, config: MiCSConfig | None = None, *, device: torch.device | str | None = None,
+    weights: WeightSource | None = None,
+) -> nn.Module:
     """Shard `model` in place with MiCS and return it.
 
     Every rank of the default process group must call this with the same model structure and config. With no
@@ -360,8 +413,13 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
     on `model.parameters()` afterwards: those are the local fp32 shards.
 
     A model built on the meta device (`accelerate.init_empty_weights(include_buffers=False)`) is materialised
-    one unit at a time on `device` (default: the current CUDA device, else CPU) with the model's own
-    initialisation, so no rank ever holds the whole model.
+    one unit at a time on `device` (default: the current CUDA device, else CPU), each rank reading only its
+    rows from `weights` (see mics_hf.from_pretrained) or, for what `weights` does not hold, with the model's
+    own initialisation, so no rank ever holds the whole model. A materialised model is sharded where it is and
+    its shards moved to `device` (default: where the model is): never a full copy per device.
+
+    The replicas of every shard are then checked to be bit-identical (one all-reduce), so ranks that built
+    different weights fail here, naming the first parameter, instead of training r different models.
     """
     config = config or MiCSConfig()
     world_size, rank = world_and_rank()
@@ -374,11 +432,24 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
         # A model loaded in bf16/fp16 computes in that dtype, as it does unsharded; the masters are still fp32.
         policy = dataclasses.replace(policy, param_dtype=_loaded_low_precision(model))
     first = next(model.parameters())
-    if first.is_meta:
-        device = torch.device(device) if device is not None else (
-            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    if device is not None:
+        device = torch.device(device)
+    elif first.is_meta:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     else:
         device = first.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    names_of = _names_by_param(model)
+    p_size, position = topology.partition_size, topology.position
+
+    def rows_of(fqn: str, param: nn.Parameter) -> torch.Tensor | None:
+        if weights is None:
+            return None
+        dims = tuple(param.shape) or (1,)
+        rows = -(-dims[0] // p_size)
+        start = min(position * rows, dims[0])
+        return weights.rows(names_of.get(id(param), [fqn]), tuple(param.shape), start, min(start + rows, dims[0]))
 
     streams = CommStreams(device) if device.type == "cuda" else None  # see [Note: stream ordering]
     unit_entries = _unit_modules(model, config)
@@ -392,12 +463,13 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
     ordered = sorted(unit_entries, key=lambda e: -e[0].count(".")) + [("", model)]
     for name, module in ordered:
         nested = [m for n, m in unit_entries if m is not module and (name == "" or n.startswith(name + "."))]
-        entries = _materialise_unit(model, module, assignment[name], nested, device)
+        entries = _materialise_unit(model, module, assignment[name], nested, device, rows_of)
         sharded = []
-        for entry in entries:
-            fqn, p, uses = entry[:3]
-            original = entry[3] if len(entry) > 3 else p
-            sp = ShardedParam(fqn, p, uses, p=topology.partition_size, position=topology.position, policy=policy)
+        for fqn, p, uses, original, local in entries:
+            sp = ShardedParam(
+                fqn, p, uses, p=topology.partition_size, position=topology.position, policy=policy, local=local,
+                device=device,
+            )
             replaced[id(original)] = (weakref.ref(original), sp.sharded)
             sharded.append(sp)
         if not sharded and module is not model:
@@ -412,6 +484,11 @@ def shard_model(model: nn.Module, config: MiCSConfig | None = None, *, device: t
         if config.compile and module is not model:
             _compile_forward(module, config.compile)
 
+    _load_buffers(model, weights, device)
+    verify_replicas(
+        [(sp.fqn, sp.sharded) for _, u in units for sp in u.params] + list(model.named_buffers()),
+        groups.replication.pg, list(topology.replication_group), device,
+    )
     state = MiCSState(model, units, config=config, policy=policy, topology=topology, stats=stats, checks=checks)
     state.replaced = replaced
     setattr(model, _STATE_ATTR, state)

@@ -110,7 +110,13 @@ _TAG_MODULUS = 500  # summed tags t, t^2 stay exact integers in float32 for any 
 class ShardedParam:
     """A parameter of a unit: its fp32 shard, its persistent unsharded parameter and its place in the buffers."""
 
-    def __init__(self, fqn: str, param: nn.Parameter, uses: Sequence[tuple[nn.Module, str]], *, p: int, position: int, policy: MixedPrecisionPolicy) -> None:
+    def __init__(
+        self, fqn: str, param: nn.Parameter, uses: Sequence[tuple[nn.Module, str]], *, p: int, position: int,
+        policy: MixedPrecisionPolicy, local: torch.Tensor | None = None, device: torch.device | None = None,
+    ) -> None:
+        """`param` gives the shape and flags (it may be on the meta device when `local` is given); `local`: this
+        rank's rows when they were read elsewhere (a pretrained file), else they are cut from `param`. The shard
+        and the unsharded storage live on `device` (default: param's), so a CPU model is sharded, then moved."""
         self.fqn = fqn
         self.uses = list(uses)  # every (module, attribute) that refers to this parameter (tied weights: several)
         self.global_shape = param.shape
@@ -122,8 +128,13 @@ class ShardedParam:
         start = min(position * self.rows, self.dim0)
         stop = min(start + self.rows, self.dim0)
         self.offsets = (start, stop)
+        if local is None:
+            local = param.detach().reshape(dims)[start:stop]
+        elif tuple(local.shape) != (stop - start, *dims[1:]):
+            raise ValueError(f"{fqn}: rows [{start}, {stop}) of shape {tuple(param.shape)} expected, got a tensor of shape {tuple(local.shape)}")
+        device = device if device is not None else param.device
         with torch.no_grad():
-            local = param.detach().reshape(dims)[start:stop].to(policy.master_dtype).clone()
+            local = torch.empty(local.shape, dtype=policy.master_dtype, device=device).copy_(local)  # contiguous, owned
         self.sharded = nn.Parameter(local, requires_grad=param.requires_grad)
         self.local_numel = local.numel()
         # p = 1 computing in the master dtype (the DDP end of the spectrum): the shard IS the full parameter, so
@@ -135,7 +146,7 @@ class ShardedParam:
             self.padded = self.sharded.data.view(1, -1)
             self.unsharded = nn.Parameter(self.sharded.data.view(param.shape), requires_grad=param.requires_grad)
         else:
-            padded = torch.empty(p * self.padded_len, dtype=compute_dtype, device=param.device)
+            padded = torch.empty(p * self.padded_len, dtype=compute_dtype, device=device)
             self.padded = padded.view(p, self.padded_len)
             self.unsharded = nn.Parameter(padded[: param.numel()].view(param.shape), requires_grad=param.requires_grad)
             self._free_storage()

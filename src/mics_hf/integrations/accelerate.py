@@ -27,6 +27,7 @@ from ..engine.shard import get_state, is_sharded, shard_model, sharded_param_for
 from ..engine.stats import comm_stats
 from ..engine.teardown import close_process_group
 from ..engine.topology import build_topology, node_map_from_devices_per_node
+from .pretrained import pending_checkpoint, shard_pretrained
 from .settings import MiCSSettings, launcher_devices_per_node, resolve_mics_settings
 
 __all__ = ["MiCSAccelerator"]
@@ -121,11 +122,15 @@ class MiCSAccelerator(Accelerator):
         if not self.mics_enabled:
             return super().prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
         if not is_sharded(model):
+            place = device_placement is None or device_placement
             on_meta = any(p.is_meta for p in model.parameters())
-            if not on_meta and (device_placement is None or device_placement):
-                model = model.to(self.device)
-            # a meta-device model is materialised unit by unit on this process's device inside shard_model
-            shard_model(model, self.mics_config, device=self.device if on_meta else None)
+            if pending_checkpoint(model) is not None:
+                # loaded under --mics / mics_hf.from_pretrained's deferral: each rank reads its rows of the files
+                shard_pretrained(model, self.mics_config, device=self.device)
+            else:
+                # a meta-device model is materialised unit by unit on this process's device; a materialised one
+                # is sharded where it is and only its shards move (never a full copy of the model per device)
+                shard_model(model, self.mics_config, device=self.device if (on_meta or place) else None)
         if model not in self._models:
             self._models.append(model)
         return model
