@@ -29,14 +29,16 @@ def gather_full_param(
     return full[: sp.global_shape.numel()].view(sp.global_shape)
 
 
-def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = True) -> dict[str, torch.Tensor]:
+def full_state_dict(
+    model: nn.Module, *, rank0_only: bool = True, cpu: bool = True, keys: "set[str] | None" = None
+) -> dict[str, torch.Tensor]:
     """Gather every parameter to full size; rank 0 gets {key: tensor} (all ranks if rank0_only=False), others {}.
 
     Keys are those of the unsharded model's state_dict, values fp32 parameters and the model's own buffers. Tied
     weights are one tensor under each of their keys, as in the unsharded model: `save_pretrained` and
     `torch.save` keep them tied, while safetensors' `save_file` refuses shared tensors (drop the tied key or
     clone first). Every rank must call it: each partition group gathers in
-    parallel.
+    parallel. `keys` (the same on every rank) gathers only those entries, e.g. a PEFT adapter's.
     """
     state = get_state(model)
     state.reshard_all()  # modules must refer to the shards (a forward without backward leaves the root gathered)
@@ -48,6 +50,8 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = Tr
     copies: dict[int, torch.Tensor] = {}  # tied weights stay one tensor under each of their keys
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict(keep_vars=True).items():
+        if keys is not None and key not in keys:
+            continue
         if id(value) not in copies:
             if id(value) in by_id:
                 sp, pg = by_id[id(value)]

@@ -106,6 +106,9 @@ class MiCSState:
         self._hop2_started: set[int] = set()
         self._last_hop2: ShardedUnit | None = None
         self.replaced: dict[int, Any] = {}  # id(original parameter) -> (weakref, shard); set by shard_model
+        # Inference that runs many forwards in a row (generate()): units stay gathered from one no-grad forward to
+        # the next instead of being gathered again at every decoding step; see generation.py.
+        self.keep_gathered = False
         self._register_hooks()
 
     @property
@@ -174,7 +177,7 @@ class MiCSState:
                 return None
             if is_root:
                 self._end_forward()
-            else:
+            elif not self._keeping():
                 unit.reshard()  # the backward gathers it again (the MiCS/ZeRO-3 memory saving)
             if torch.is_grad_enabled():
                 self._arm_pre_backward(unit, output)
@@ -182,12 +185,17 @@ class MiCSState:
 
         return post_forward
 
+    def _keeping(self) -> bool:
+        return self.keep_gathered and not torch.is_grad_enabled()
+
     def _begin_forward(self) -> None:
         self.checks.raise_pending()
         # Start from sharded units: what an abandoned step (a prefetch, a forward without backward) left
         # gathered, and the root after an optimizer step or a checkpoint load, are gathered afresh.
+        keeping = self._keeping()
         for _, u in self.units:
-            u.reshard()
+            if not keeping:
+                u.reshard()
             u.refresh_trainable()
         self._recording = []
         self.training_state = TrainingState.FORWARD
@@ -196,7 +204,7 @@ class MiCSState:
         if self._recording:
             self.forward_order = self._recording
             self._position = {id(u): i for i, u in enumerate(self.forward_order)}
-        if not torch.is_grad_enabled():  # no backward will follow: free everything now
+        if not torch.is_grad_enabled() and not self.keep_gathered:  # no backward will follow: free everything now
             for _, u in self.units:
                 u.reshard()
         self.training_state = TrainingState.IDLE

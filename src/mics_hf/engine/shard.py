@@ -13,7 +13,7 @@ import socket
 import warnings
 import weakref
 from collections import Counter
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ from .topology import (
 )
 from .unit import CommStreams, ShardedParam, ShardedUnit, TagChecks, UnitGroups
 
-__all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state", "WeightSource"]
+__all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state", "WeightSource", "register_model_method", "original_method"]
 
 _STATE_ATTR = "_mics_state"
 
@@ -71,13 +71,29 @@ class MiCSModule:
 
 
 _CLASS_CACHE: dict[type, type] = {}
+_MODEL_METHODS: dict[str, Callable] = {}
+
+
+def register_model_method(name: str, method: Callable) -> None:
+    """Give every sharded model whose class has a method `name` this replacement (e.g. save_pretrained, which
+    must gather the shards; registered by mics_hf.checkpoint, which the engine does not import). The
+    replacement reaches the user's own method as `original_method(self, name)`."""
+    _MODEL_METHODS[name] = method
+    _CLASS_CACHE.clear()
+
+
+def original_method(model: nn.Module, name: str) -> Callable:
+    """The user's class's own `name`, bound to the sharded model."""
+    return getattr(type(model).__bases__[-1], name).__get__(model)
 
 
 def _mics_class(cls: type) -> type:
     if cls not in _CLASS_CACHE:
         # Same name as the user's class: HF writes `type(model).__name__` into config.json's `architectures`,
         # and a MiCS-prefixed name there would break AutoModel loading of a saved model.
-        _CLASS_CACHE[cls] = type(cls.__name__, (MiCSModule, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        body: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        body.update({n: m for n, m in _MODEL_METHODS.items() if callable(getattr(cls, n, None))})
+        _CLASS_CACHE[cls] = type(cls.__name__, (MiCSModule, cls), body)
     return _CLASS_CACHE[cls]
 
 
