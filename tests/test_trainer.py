@@ -135,3 +135,30 @@ def test_trainer_mics_bf16_with_gradient_checkpointing_and_evaluation(tmp_path):
     assert report["mics"] and len(report["losses"]) == 6
     assert all(0 < loss < 10 for loss in report["losses"]) and 0 < report["eval_loss"] < 10
     assert all(v.dtype == torch.float32 for v in report["state"].values())  # exported from the fp32 masters
+
+
+@pytest.mark.slow
+def test_trainer_from_pretrained_load_best_checkpoint_contents_and_generate(tmp_path):
+    """The stock scripts' --model_name_or_path is read into the shards; --load_best_model_at_end reloads the best
+    checkpoint's shards (greater_is_better inverted so the best is checkpoint-3, not the last); checkpoint-N holds
+    config, generation config and training arguments; generate() with a different length per rank ends."""
+    from models import tiny_gpt2
+    from safetensors.torch import load_file
+
+    import mics_hf
+
+    pretrained = tmp_path / "pretrained"
+    tiny_gpt2(seed=9).save_pretrained(pretrained)
+    report = _run(tmp_path, "best", "--mics", MICS, "--model_name_or_path", str(pretrained), "--eval_strategy", "steps",
+                  "--eval_steps", "3", "--load_best_model_at_end", "--metric_for_best_model", "eval_loss",
+                  "--greater_is_better", "true", "--generate", "--report_to", "none")
+    assert report["mics"] and report["deferred"]
+    best = Path(report["best"])
+    assert best.name == "checkpoint-3", best
+    for name in ("config.json", "generation_config.json", "training_args.bin", "trainer_state.json"):
+        assert (best / name).is_file(), name
+    weights, _ = mics_hf.consolidate_checkpoint(best / "mics")
+    assert all(torch.equal(report["state"][k], weights[k]) for k in report["state"])  # the best, not the last
+    final = load_file(str(report["dir"] / "out" / "model.safetensors"))  # save_model() after the reload
+    assert all(torch.equal(final[k], weights[k]) for k in final)
+    assert report["generated"] is not None and len(report["generated"][0]) == 2 + 2  # rank 0: 2 prompt + 2 new

@@ -62,9 +62,9 @@ class MiCSAccelerator(Accelerator):
             for key in ("fsdp_plugin", "deepspeed_plugin", "deepspeed_plugins"):
                 if kwargs.get(key) is not None:
                     raise ValueError(f"MiCSAccelerator got both MiCS settings ({settings.source}) and {key}; use one")
-        if "cpu" not in kwargs and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # A MULTI_GPU launch on a machine without GPUs: run the ranks on CPU with gloo. A plain Accelerator
-            # would start every process as a separate non-distributed worker, silently.
+        if not kwargs.get("cpu") and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # A MULTI_GPU launch on a machine without GPUs: run the ranks on CPU with gloo, also when the script
+            # says cpu=False (Accelerate's examples do). Otherwise every process would train alone, silently.
             kwargs["cpu"] = True
         super().__init__(*args, **kwargs)
         self.mics_settings: MiCSSettings | None = settings

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 import transformers
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from ..checkpoint.state_dict import full_state_dict
@@ -28,6 +29,7 @@ from ..engine.shard import get_state, is_sharded
 from ..engine.topology import require_divides
 from .accelerate import MiCSAccelerator
 from .accelerate import _unwrap_optimizer as _raw
+from .pretrained import start_deferring, stop_deferring
 from .settings import MiCSSettings, parse_mics_value, resolve_mics_settings
 
 __all__ = ["MiCSTrainingArguments", "MiCSTrainer", "MICS_CHECKPOINT_SUBDIR"]
@@ -60,6 +62,9 @@ class MiCSTrainingArguments(TrainingArguments):
             if self.deepspeed:
                 raise ValueError("--mics and --deepspeed both shard the model; choose one (MiCS replaces ZeRO)")
             self._mics_settings = self._resolve_mics()
+            # The stock scripts load the model after parsing the arguments: read it straight into shards (see
+            # integrations/pretrained.py) instead of a full copy per process.
+            start_deferring()
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             # torchrun on a machine without GPUs: without this every process would train alone, silently.
             self.use_cpu = True
@@ -80,9 +85,23 @@ class MiCSTrainingArguments(TrainingArguments):
     def mics_settings(self) -> MiCSSettings | None:
         return getattr(self, "_mics_settings", None)
 
+    @property
+    def place_model_on_device(self) -> bool | None:
+        # MiCS places the shards itself: moving the whole model to every device first is what it avoids.
+        return False if self.mics_settings is not None else super().place_model_on_device
+
 
 class MiCSTrainer(Trainer):
     """A Trainer that shards with mics_hf when its arguments carry `--mics` (otherwise a plain Trainer)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.mics_enabled and self.model is not None and not is_sharded(self.model):
+            # Shard now, not at train(): evaluate() / predict() / generate() before training then run on the
+            # sharded model, and a model deferred by --mics is read from its checkpoint here.
+            self.model = self.accelerator.prepare_model(self.model)
+            self.model_wrapped = self.model
+        stop_deferring()
 
     @property
     def mics_enabled(self) -> bool:
@@ -117,12 +136,35 @@ class MiCSTrainer(Trainer):
                 scheduler=None if self.args.save_only_model else self.lr_scheduler,
                 scaler=self.accelerator.scaler, overwrite=True,
             )
+            if self.args.should_save:
+                self._save_beside_shards(output_dir)
             return
         state = full_state_dict(self.model)  # every rank gathers; rank 0 keeps the full tensors
         if self.args.should_save:
             self._save(output_dir, state_dict=state)
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_beside_shards(self, output_dir: str) -> None:
+        """What `checkpoint-N/` holds besides the shards, as for DDP: config, generation config, tokenizer and
+        training arguments (weights: `mics-hf export checkpoint-N/mics <dir>`)."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        for part in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+            if part is not None and hasattr(part, "save_pretrained"):
+                part.save_pretrained(output_dir)
+        if hasattr(self.model, "peft_config"):
+            for name, peft_config in self.model.peft_config.items():
+                peft_config.save_pretrained(output_dir if name == "default" else os.path.join(output_dir, name))
+        tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_best_model(self) -> None:
+        if not (self.mics_enabled and is_sharded(self.model)):
+            return super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        load_checkpoint(self._mics_checkpoint(best), self.model, restore_rng=False)  # the weights only
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.mics_enabled:
