@@ -208,3 +208,23 @@ def test_mixed_precision_of_the_accelerator_becomes_the_compute_dtype():
 
     with DistPool(1, init=False) as pool:
         assert pool.run(_mixed_precision, mixed="bf16") == ["torch.bfloat16"]
+
+
+@pytest.mark.slow
+def test_accelerate_example_style_script_with_cpu_false_pretrained_and_unwrap_save(tmp_path):
+    """Accelerate's examples pass cpu=False: on a machine without GPUs the ranks still form one gloo world of 4
+    (not 4 separate workers); a from_pretrained model moved with .to(device) is sharded by prepare(); the
+    examples' unwrap_model(model).save_pretrained(...) writes full weights that transformers loads."""
+    from distributed import free_port
+    from models import tiny_gpt2
+
+    pretrained = tmp_path / "pretrained"
+    tiny_gpt2(seed=4).save_pretrained(pretrained)
+    out = tmp_path / "saved"
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_configs" / "mics_cpu.yaml"),
+           "--main_process_port", str(free_port()), str(ROOT / "tests" / "accel_pretrained.py"),
+           "--model", str(pretrained), "--out", str(out)]
+    result = run_job(cmd, env=_env(), timeout=240, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(Path(str(out) + ".json").read_text())
+    assert report == {"mics": True, "world": 4, "same": True}
