@@ -192,7 +192,8 @@ def test_max_micro_batch():
 def test_format_plan_is_a_readable_table():
     text = format_plan(plan("bert-15b", P3DN, 4))
     assert "partition size p = 16 (2 nodes)" in text
-    for label in ("| MiCS | 16 | hierarchical", "| ZeRO-3 | 32 | flat", "| FSDP2 HSDP | 16 | flat"):
+    for label in ("| MiCS | mics_hf | 16 | hierarchical", "| ZeRO-3 | mics_hf | 32 | flat",
+                  "| FSDP2 HSDP | mics_hf | 16 | flat"):
         assert label in text
     assert "GiB left" in text and "MiCS / ZeRO-3 throughput" in text
 
