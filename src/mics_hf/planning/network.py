@@ -20,7 +20,7 @@ same thing in them. Large-message bus bandwidth as a fraction of the node's line
   (aws-ofi-nccl#19, "busbw is incorrectly reported for 2 machines").
 
 The model: fraction = anchor - 0.08 x log2(ranks / anchor_ranks), capped at 0.80 (the best measured), where the
-anchor is the cluster's own largest measured ring (p4d: 32 ranks, 0.592; p3dn: 16 ranks, 0.80) and the slope is
+anchor is the cluster's own largest measured ring (p4d: 32 ranks, 0.592; p3dn: 256 ranks, 0.48) and the slope is
 p3dn's, the only series that spans more than 4 nodes (p4d's own two points fall faster, 0.104 per doubling). For
 p4d at 64 and 512 ranks this is an extrapolation (0.512, 0.272); the measurement that would replace it is an
 all-gather busbw on 16 and 64 p4d nodes. p4de is p4d's network; p5 has no public series here and uses p4d's.

@@ -44,7 +44,7 @@ from typing import Mapping
 
 from .network import ring_time
 
-__all__ = ["PROFILES", "PROFILE_SOURCES", "ImplementationProfile", "SimulatedStep", "Visit", "build_trace",
+__all__ = ["HOST_FETCH_S_056", "PROFILES", "PROFILE_SOURCES", "ImplementationProfile", "SimulatedStep", "Visit", "build_trace",
            "get_profile", "simulate_step"]
 
 
