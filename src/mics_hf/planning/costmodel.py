@@ -59,7 +59,7 @@ import dataclasses
 import functools
 import types
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Mapping
 
 from .flops import PEAK_TFLOPS, model_state_bytes_per_rank, tflops_per_gpu
 from .presets import ModelPreset, count_parameters, get_preset

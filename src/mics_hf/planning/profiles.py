@@ -44,8 +44,8 @@ from typing import Mapping
 
 from .network import ring_time
 
-__all__ = ["HOST_FETCH_S_056", "PROFILES", "PROFILE_SOURCES", "ImplementationProfile", "SimulatedStep", "Visit", "build_trace",
-           "get_profile", "simulate_step"]
+__all__ = ["HOST_FETCH_S_056", "PROFILES", "PROFILE_SOURCES", "ImplementationProfile", "SimulatedStep", "Visit",
+           "build_trace", "collective_functions", "get_profile", "simulate_step"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +79,7 @@ class ImplementationProfile:
 # The one constant not read from code: the host time a v0.5.6 fetch costs (Python hooks, trace lookups, debug
 # f-strings that format a parameter norm, two device-wide synchronisations). It is derived from the one
 # measurement that isolates it, DeepSpeed PR 1188 (one p4d node, NVLink only, a 5.1B BERT): ZeRO-3 forward
-# 270 ms against ZeRO-2's 60 ms. ``calibrate_host_fetch`` in tests/test_costmodel.py re-derives it; that
+# 270 ms against ZeRO-2's 60 ms. ``validation.calibrate_host_fetch`` re-derives it (tested); that
 # measurement is therefore a calibration, not a validation, and is recorded as such.
 HOST_FETCH_S_056 = 0.432e-3
 
@@ -131,7 +131,8 @@ PROFILE_SOURCES: Mapping[str, Mapping[str, str]] = types.MappingProxyType({
                            f"{_V056} _reduce_scatter_gradient; ProcessGroupNCCL::reduce_scatter (torch 1.x) "
                            "flatten_for_scatter_gather: one copy per rank",
         "wait_reductions_per_bucket": f"{_V056} stage3.py reduce_ipg_grads: `if self.overlap_comm: "
-                                      "self.reduction_stream.synchronize()` (overlap_comm defaults to True for stage 3)",
+                                      "self.reduction_stream.synchronize()` (overlap_comm defaults to True "
+                                      "for stage 3)",
         "launch_s": "6.5 us: minimum cuLaunchKernel host time in an nvprof trace, QuantumBFS/CuYao.jl#3 "
                     "(order of magnitude of a copy launch)",
         "host_fetch_s": "calibrated on DeepSpeed PR 1188 (p4d, 5.1B BERT, ZeRO-3 forward 270 ms vs ZeRO-2 60 ms); "
@@ -146,7 +147,8 @@ PROFILE_SOURCES: Mapping[str, Mapping[str, str]] = types.MappingProxyType({
         "prefetch_only_when_idle": f"{_V060} stage3.py fetch_sub_module: a fetch queue; every fetch prefetches "
                                    "up to prefetch_bucket_sz more elements",
         "reduce_per_tensor": f"{_V060} stage3.py __reduce_and_partition_ipg_grads -> "
-                             "comm/coalesced_collectives.py reduce_scatter_coalesced: one _reduce_scatter_base per bucket",
+                             "comm/coalesced_collectives.py reduce_scatter_coalesced: one _reduce_scatter_base "
+                             "per bucket",
         "host_fetch_s": "0: the host waits on events, not on the device, so its work hides behind queued kernels",
         "other fields": "defaults unchanged from v0.5.6 (zero/constants.py at v0.6.0)",
     }),
@@ -366,7 +368,8 @@ def simulate_step(profile: ImplementationProfile, numels: list[int], visits: lis
     host = flush(host)
     step = max(host, comp, net)
     return SimulatedStep(step_s=step, forward_s=forward_end, compute_s=sum(v.compute_s for v in visits),
-                         gather_busy_s=busy_g, forward_gather_busy_s=forward_busy, reduce_busy_s=busy_r, num_gathers=n_g, num_reduces=n_r,
+                         gather_busy_s=busy_g, forward_gather_busy_s=forward_busy, reduce_busy_s=busy_r,
+                         num_gathers=n_g, num_reduces=n_r,
                          host_s=host_total)
 
 
