@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -11,7 +12,15 @@ import torch
 from mics_hf.planning.costmodel import CLUSTERS, predict, unit_parameters
 from mics_hf.emulation.scale import FRAME_EFFICIENCY, EmulationScale
 from mics_hf.emulation.step import _SleptCompute, build_model
-from mics_hf.emulation.sweep import SweepResult, _annotate, check, format_table, plan_runs, plot
+from mics_hf.emulation.sweep import (
+    SweepResult,
+    _annotate,
+    check,
+    engine_cpu_from_run,
+    format_table,
+    plan_runs,
+    plot,
+)
 
 
 def test_time_scale_by_hand():
@@ -59,6 +68,24 @@ def test_cost_model_cluster_computes_at_the_emulated_rate():
     assert pred.compute_time_s == pytest.approx(scale.compute_seconds_per_step(), rel=1e-9)
     assert scale.cost_model_cluster().reduce_scatter_volume == 2.0
     assert scale.cost_model_cluster().inter_node_efficiency == FRAME_EFFICIENCY
+
+
+def test_engine_cpu_time_is_counted_as_compute():
+    """The p = k runs' steps are mostly the engine's own CPU work: a communication-free run measures it, and the
+    cost model adds it to every micro-step's compute."""
+    scale = EmulationScale(grad_accum=4)
+    slept = scale.compute_seconds_per_step()
+    # a one-rank run took 1.2 s more than its sleeps over 4 micro-steps: 0.3 s per micro-step
+    assert engine_cpu_from_run(scale, slept + 1.2) == pytest.approx(0.3)
+    assert engine_cpu_from_run(scale, slept - 0.1) == 0.0  # faster than its sleeps: no engine time measured
+    busy = dataclasses.replace(scale, engine_cpu_s=0.3)
+    bare = predict(scale.preset, scale.cost_model_cluster(), 1, strategy="mics", partition_size=2, grad_accum=4)
+    with_cpu = predict(busy.preset, busy.cost_model_cluster(), 1, strategy="mics", partition_size=2, grad_accum=4)
+    assert with_cpu.compute_time_s == pytest.approx(slept + 4 * 0.3, rel=1e-9)
+    # one node: the intra-node collectives hide behind compute, so the step grows by the CPU time itself
+    assert with_cpu.step_time_s - bare.step_time_s == pytest.approx(4 * 0.3, rel=0.05)
+    with pytest.raises(ValueError, match="engine_cpu_s=-1"):
+        EmulationScale(engine_cpu_s=-1)
 
 
 @pytest.mark.parametrize("kwargs,match", [

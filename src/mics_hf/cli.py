@@ -34,10 +34,23 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .planning.costmodel import format_plan, plan
+    from .planning.planner import format_plan, plan
 
-    print(format_plan(plan(args.model, args.cluster, args.nodes, grad_accum=args.grad_accum, seq=args.seq)))
+    print(format_plan(plan(args.model, args.cluster, args.nodes, micro_batch=args.micro_batch,
+                           grad_accum=args.grad_accum, seq=args.seq, baseline=args.baseline)))
     return 0
+
+
+def _micro_batch(text: str) -> int | str:
+    if text == "max":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--micro-batch {text!r}: give a positive integer or 'max'")
+    return value
 
 
 def _emulate(args: argparse.Namespace) -> int:
@@ -105,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     planner.add_argument("--nodes", type=int, required=True)
     planner.add_argument("--grad-accum", type=int, default=1)
     planner.add_argument("--seq", type=int, default=None, help="default: the preset's sequence length")
+    planner.add_argument("--micro-batch", type=_micro_batch, default="max",
+                         help="samples per GPU per micro-step, or 'max' (default): the largest that fits")
+    planner.add_argument("--baseline", default=None,
+                         help="also predict ZeRO-3 as an implementation ran it: deepspeed-0.5.6 (the paper's "
+                              "baseline) or deepspeed-improved (after DeepSpeed PR 1453)")
     planner.set_defaults(func=_plan)
     emulate = sub.add_parser(
         "emulate", help="emulated cluster on this machine (root): weak-scaling sweep or one all-gather's link bytes",

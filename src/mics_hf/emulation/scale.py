@@ -57,6 +57,9 @@ class EmulationScale:
     optimizer step. run_tokens: tokens actually run per micro-step (compute is slept for micro_batch x seq).
     intra_node_bandwidth / latency_s: the measured loopback all-gather rate (bytes/s) and gloo's latency per
     ring step here (``emulate_sweep.calibrate``), used only to describe the machine to the cost model.
+    engine_cpu_s: the engine's own CPU seconds per rank per micro-step beyond the slept compute (Python hooks,
+    the ``run_tokens`` forward and backward, the optimizer's share), measured by ``emulate_sweep.calibrate_engine_cpu``
+    in a run without communication; the cost model counts it as compute (see ``cost_model_cluster``).
     """
 
     instance: str = "p3dn.24xlarge"
@@ -71,6 +74,7 @@ class EmulationScale:
     run_tokens: int = 8
     intra_node_bandwidth: float = 1.0e9
     latency_s: float = 0.5e-3
+    engine_cpu_s: float = 0.0
 
     def __post_init__(self) -> None:
         _get_cluster(self.instance)  # unknown instance: ValueError naming the valid ones
@@ -83,6 +87,8 @@ class EmulationScale:
             raise ValueError(f"micro_batch={self.micro_batch!r} must be a positive integer (or None: the preset's)")
         if self.link_mbit <= 0:
             raise ValueError(f"link_mbit={self.link_mbit!r} must be positive")
+        if not self.engine_cpu_s >= 0:
+            raise ValueError(f"engine_cpu_s={self.engine_cpu_s!r} must be >= 0 (seconds per micro-step)")
         if self.run_tokens > self.real_preset.seq:
             raise ValueError(f"run_tokens={self.run_tokens} exceeds the preset's seq={self.real_preset.seq}")
 
@@ -159,14 +165,22 @@ class EmulationScale:
 
     # ---- the emulated machine, for the cost model -----------------------------------------------------------
     def cost_model_cluster(self) -> Cluster:
-        """The emulated cluster as ``costmodel.predict`` sees it (compute at R_e, links as shaped, gloo's RS)."""
+        """The emulated cluster as ``costmodel.predict`` sees it (compute at R_e, links as shaped, gloo's RS).
+
+        The engine's own CPU time per micro-step (``engine_cpu_s``) is counted as compute: the rate is lowered so
+        that one micro-step computes for its slept seconds plus ``engine_cpu_s``, spread over the units in
+        proportion to their parameters (the hooks' work grows with the units, the 8-token forward with the
+        layers). It runs on the rank's main thread like the sleeps, so it overlaps communication as they do.
+        """
         real = self.real_cluster
+        slept = self.compute_seconds_per_step() / self.grad_accum
+        slowdown = slept / (slept + self.engine_cpu_s)
         return Cluster(
             name=f"emulated-{real.name.split('.')[0]}",
-            gpu="slept compute",
+            gpu="slept compute + engine CPU",
             gpus_per_node=self.ranks_per_node,
             dtype="bf16",
-            peak_tflops=self.time_scale * real.peak_tflops,
+            peak_tflops=self.time_scale * real.peak_tflops * slowdown,
             compute_efficiency=real.compute_efficiency,
             gpu_memory_bytes=real.gpu_memory_bytes,
             intra_node_bandwidth=self.intra_node_bandwidth,
@@ -197,6 +211,7 @@ class EmulationScale:
             "bytes_per_parameter": {"emulated": EMULATED_BYTES, "real": REAL_BYTES},
             "intra_node_bandwidth": self.intra_node_bandwidth,
             "latency_s": self.latency_s,
+            "engine_cpu_s_per_micro_step": self.engine_cpu_s,
         }
 
 

@@ -35,7 +35,8 @@ from ..planning.costmodel import predict
 from .cluster import EmulatedCluster, measure_all_gather, run_phases
 from .scale import EMULATED_BYTES, EmulationScale
 
-__all__ = ["SweepResult", "calibrate", "check", "format_table", "plot", "run_config", "sweep"]
+__all__ = ["SweepResult", "calibrate", "calibrate_engine_cpu", "check", "engine_cpu_from_run", "format_table", "plot",
+           "run_config", "sweep"]
 
 LABELS = {"mics": "MiCS", "zero3": "ZeRO-3", "hsdp": "FSDP2 HSDP"}
 
@@ -56,6 +57,26 @@ def calibrate(scale: EmulationScale, *, megabytes: float = 16, timeout: float = 
     bandwidth = (k - 1) / k * local["payload_bytes"] / local["seconds"]
     small = measure_all_gather(2, k, 0.01, scale.link_mbit, timeout=timeout, repeat=repeat)
     return dataclasses.replace(scale, intra_node_bandwidth=bandwidth, latency_s=small["seconds"] / (2 * k - 1))
+
+
+def engine_cpu_from_run(scale: EmulationScale, step_seconds: float) -> float:
+    """The engine's CPU seconds per micro-step: a communication-free run's step time less the slept compute,
+    per micro-step (never negative: a run faster than its sleeps measures no engine time)."""
+    return max(0.0, (step_seconds - scale.compute_seconds_per_step()) / scale.grad_accum)
+
+
+def calibrate_engine_cpu(scale: EmulationScale, *, warmup: int = 1, steps: int = 2, timeout: float = 600
+                         ) -> EmulationScale:
+    """Measure the engine's own CPU time per micro-step in a run without communication: one rank (p = 1, a
+    world of one, so no collective moves a byte), same model, tokens and micro-steps as the sweep.
+
+    On a machine where the sweep's ranks share cores this undercounts their CPU time (one rank runs alone
+    here); the record states it.
+    """
+    alone = dataclasses.replace(scale, ranks_per_node=1)
+    with EmulatedCluster(1, scale.link_mbit) as cluster:
+        run = run_config(cluster, alone, 1, "mics", 1, warmup=warmup, steps=steps, timeout=timeout)
+    return dataclasses.replace(scale, engine_cpu_s=engine_cpu_from_run(scale, run["step_seconds"]))
 
 
 def run_config(cluster: EmulatedCluster, scale: EmulationScale, nodes: int, strategy: str, partition_size: int,
@@ -155,6 +176,9 @@ def sweep(scale: EmulationScale, nodes_list: Sequence[int] = (1, 2, 4), *, warmu
         log("calibrating: loopback all-gather rate and cross-node latency ...")
         scale = calibrate(scale)
         log(f"  intra-node {scale.intra_node_bandwidth / 1e6:.0f} MB/s, latency {scale.latency_s * 1e3:.2f} ms per ring step")
+        log("calibrating: the engine's CPU time per micro-step (one rank, no communication) ...")
+        scale = calibrate_engine_cpu(scale, warmup=warmup, steps=steps)
+        log(f"  engine CPU {scale.engine_cpu_s * 1e3:.1f} ms per micro-step beyond the slept compute")
     runs = []
     with EmulatedCluster(max(nodes_list), scale.link_mbit) as cluster:
         for i, (n, strategy, p) in enumerate(planned):
@@ -320,7 +344,9 @@ def format_report(result: SweepResult, png_name: str) -> str:
   micro-step ([Note: emulation scaling rule] in `mics_hf/emulate_scale.py`).
 - Measured: step times (slowest rank, median of the timed steps after warm-up), bytes on every node's eth0.
   Calibrated for the cost model: loopback all-gather {sc.intra_node_bandwidth / 1e6:.0f} MB/s, gloo latency
-  {sc.latency_s * 1e3:.2f} ms per ring step (median of 21 small all-gathers over 2 nodes, per step).
+  {sc.latency_s * 1e3:.2f} ms per ring step (median of 21 small all-gathers over 2 nodes, per step); the
+  engine's own CPU time {sc.engine_cpu_s * 1e3:.1f} ms per micro-step beyond the slept compute (one rank, no
+  communication), counted by the cost model as compute.
 - Cost model: `mics_hf.planning.costmodel.predict` on `EmulationScale.cost_model_cluster()` (the same rule, gloo's
   reduce-scatter at twice the ring volume, fp32 on the wire); nothing fitted to these measurements.
 - TFLOPS/GPU: the emulated 8N FLOP rate divided by f, i.e. what the schedule reaches on the real instance

@@ -59,10 +59,11 @@ import dataclasses
 import functools
 import types
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Mapping
 
 from .flops import PEAK_TFLOPS, model_state_bytes_per_rank, tflops_per_gpu
 from .presets import ModelPreset, count_parameters, get_preset
+from .profiles import ImplementationProfile, build_trace, collective_functions, get_profile, simulate_step
 
 __all__ = [
     "BASE_LATENCY_S", "CLUSTERS", "COMPUTE_EFFICIENCY", "INTER_NODE_EFFICIENCY", "INTRA_NODE_EFFICIENCY",
@@ -407,6 +408,7 @@ class Prediction:
     tflops_per_gpu: float
     samples_per_s: float
     memory: MemoryEstimate
+    profile: str = "mics_hf"
 
     @property
     def fits(self) -> bool:
@@ -434,7 +436,8 @@ def _resolve_batch(micro_batch: int | Literal["max"] | None, shape: _Shape, c: C
 def predict(model: str | ModelPreset, cluster: str | Cluster, nodes: int, *, strategy: Strategy = "mics",
             partition_size: int | None = None, micro_batch: int | Literal["max"] | None = None,
             grad_accum: int = 1, seq: int | None = None, reduce_bytes: int = 2,
-            hop2_bytes: int = 2, hierarchical_reduce: bool = False, param_bytes: int = PARAM_BYTES) -> Prediction:
+            hop2_bytes: int = 2, hierarchical_reduce: bool = False, param_bytes: int = PARAM_BYTES,
+            profile: str = "mics_hf") -> Prediction:
     """Predict one optimizer step of ``model`` on ``nodes`` instances of ``cluster`` under ``strategy``.
 
     partition_size: MiCS / HSDP partition group (default: the smallest that fits, as ``plan`` picks); ZeRO-3
@@ -443,8 +446,13 @@ def predict(model: str | ModelPreset, cluster: str | Cluster, nodes: int, *, str
     reduce-scatter is hierarchical too when its all-gather is (mics_hf does this; the paper's system did not,
     hence the default False). param_bytes: bytes per gathered parameter (2: fp16/bf16; the emulation gathers
     fp32). A configuration that does not fit in memory is still predicted; check ``.fits``.
+
+    profile: the implementation whose schedule is modelled (``mics_hf.planning.profiles.PROFILES``):
+    "mics_hf" (default; per-unit, fully overlapped, this module's model) or a DeepSpeed ZeRO-3 profile
+    ("deepspeed-0.5.6", "deepspeed-improved"), which needs strategy="zero3" and is simulated per tensor.
     """
     _check_strategy(strategy)
+    chosen = get_profile(profile)
     c = _get_cluster(cluster)
     nodes = _require_int("nodes", nodes)
     grad_accum = _require_int("grad_accum", grad_accum)
@@ -457,6 +465,11 @@ def predict(model: str | ModelPreset, cluster: str | Cluster, nodes: int, *, str
     p, b = _resolve_batch(micro_batch, shape, c, partition_size, n, strategy, reduce_bytes)
     r = n // p
     hierarchical = strategy == "mics" and p > k
+    if not chosen.analytic:
+        if strategy != "zero3":
+            raise ValueError(f"profile={chosen.name!r} describes DeepSpeed's ZeRO-3, which partitions over all "
+                             f"ranks; use strategy='zero3' with it (or profile='mics_hf' for strategy={strategy!r})")
+        return _predict_profile(shape, c, nodes, b, grad_accum, chosen)
 
     speed = c.compute_efficiency * c.peak_tflops * 1e12
     tokens = b * m.seq
@@ -504,117 +517,40 @@ def predict(model: str | ModelPreset, cluster: str | Cluster, nodes: int, *, str
     )
 
 
-# ---- weak scaling and the planner -----------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
-class WeakScaling:
-    """Predictions at each node count (same per-GPU batch) and throughput per GPU relative to the first."""
-
-    nodes: tuple[int, ...]
-    predictions: tuple[Prediction, ...]
-    efficiency: tuple[float, ...]
-
-
-def weak_scaling(model: str | ModelPreset, cluster: str | Cluster, nodes_list: Sequence[int],
-                 strategy: Strategy = "mics", **kwargs: object) -> WeakScaling:
-    """Weak-scaling efficiency: samples/s per GPU at each node count over that at the smallest one.
-
-    The partition size and micro-batch are resolved once, at the smallest node count, and kept (the paper
-    scales by adding partition groups at a fixed per-GPU batch). ``kwargs`` go to ``predict``.
-    """
-    nodes_sorted = tuple(sorted(_require_int("nodes", x) for x in nodes_list))
-    if len(nodes_sorted) < 2 or len(set(nodes_sorted)) != len(nodes_sorted):
-        raise ValueError(f"nodes_list={list(nodes_list)!r}: give at least two different node counts")
-    first = predict(model, cluster, nodes_sorted[0], strategy=strategy, **kwargs)  # type: ignore[arg-type]
-    fixed = dict(kwargs, micro_batch=first.micro_batch)
-    if strategy != "zero3":
-        fixed["partition_size"] = first.partition_size
-    preds = (first,) + tuple(
-        predict(model, cluster, x, strategy=strategy, **fixed) for x in nodes_sorted[1:]  # type: ignore[arg-type]
-    )
-    base = first.samples_per_s / first.num_gpus
-    return WeakScaling(nodes=nodes_sorted, predictions=preds,
-                       efficiency=tuple(x.samples_per_s / x.num_gpus / base for x in preds))
-
-
-@dataclass(frozen=True, kw_only=True)
-class PlanResult:
-    """The planner's choice of partition size, the memory it leaves, and the three strategies side by side."""
-
-    model: str
-    n_params: int
-    cluster: Cluster
-    nodes: int
-    num_gpus: int
-    partition_size: int
-    micro_batch: int
-    grad_accum: int
-    seq: int
-    memory: MemoryEstimate
-    predictions: Mapping[str, Prediction]
-
-
-def plan(model: str | ModelPreset, cluster: str | Cluster, nodes: int, *,
-         micro_batch: int | Literal["max"] | None = None, grad_accum: int = 1, seq: int | None = None,
-         reduce_bytes: int = 2, hop2_bytes: int = 2) -> PlanResult:
-    """Pick the smallest partition size whose model states (16 B/param / p) plus buffers, activations and the
-    reserve fit in GPU memory, and predict MiCS, ZeRO-3 and HSDP at it (ZeRO-3 at p = N).
-
-    micro_batch "max": choose p at micro-batch 1, then the largest micro-batch that fits at that p.
-    """
-    common = dict(micro_batch=micro_batch, grad_accum=grad_accum, seq=seq, reduce_bytes=reduce_bytes,
-                  hop2_bytes=hop2_bytes)
-    mics = predict(model, cluster, nodes, strategy="mics", **common)  # type: ignore[arg-type]
-    fixed = dict(common, micro_batch=mics.micro_batch)
-    preds = {
-        "mics": mics,
-        "zero3": predict(model, cluster, nodes, strategy="zero3", **fixed),  # type: ignore[arg-type]
-        "hsdp": predict(model, cluster, nodes, strategy="hsdp", partition_size=mics.partition_size,
-                        **fixed),  # type: ignore[arg-type]
-    }
-    return PlanResult(
-        model=mics.model, n_params=mics.n_params, cluster=_get_cluster(cluster), nodes=nodes, num_gpus=mics.num_gpus,
-        partition_size=mics.partition_size, micro_batch=mics.micro_batch, grad_accum=grad_accum, seq=mics.seq,
-        memory=mics.memory, predictions=types.MappingProxyType(preds),
+def _predict_profile(shape: _Shape, c: Cluster, nodes: int, b: int, grad_accum: int,
+                     profile: ImplementationProfile) -> Prediction:
+    """ZeRO-3 (p = N) under a simulated implementation profile (``profiles.simulate_step``), on the EFA model."""
+    m, k = shape.preset, c.gpus_per_node
+    n = nodes * k
+    numels, visits = build_trace(m.family, m.hidden, m.layers, m.ffn, m.vocab, m.seq, tokens=b * m.seq,
+                                 flops_per_s=c.compute_efficiency * c.peak_tflops * 1e12)
+    gather_s, reduce_s = collective_functions(
+        ranks=n, gpus_per_node=k, instance=c.name, nic_bytes_per_s=c.inter_node_bandwidth,
+        nvlink_bytes_per_s=c.intra_node_bandwidth * c.intra_node_efficiency, wire_bytes=profile.wire_bytes)
+    sim = simulate_step(profile, numels, visits, gather_s=gather_s, reduce_s=reduce_s, ranks=n)
+    step, compute = grad_accum * sim.step_s, grad_accum * sim.compute_s
+    comm = CommBreakdown(forward_all_gather_s=grad_accum * sim.forward_gather_busy_s,
+                         backward_all_gather_s=grad_accum * (sim.gather_busy_s - sim.forward_gather_busy_s),
+                         reduce_scatter_s=grad_accum * sim.reduce_busy_s, replica_all_reduce_s=0.0)
+    exposed = step - compute
+    samples = n * b * grad_accum
+    return Prediction(
+        model=m.name, cluster=c.name, strategy="zero3", nodes=nodes, num_gpus=n, gpus_per_node=k,
+        partition_size=n, replicas=1, hierarchical=False, micro_batch=b, grad_accum=grad_accum, seq=m.seq,
+        n_params=shape.n_params, step_time_s=step, compute_time_s=compute, exposed_comm_s=exposed,
+        overlap=max(0.0, 1.0 - exposed / comm.total_s) if comm.total_s > 0 else 1.0, comm=comm,
+        tflops_per_gpu=tflops_per_gpu(shape.n_params, samples * m.seq, step, n),
+        samples_per_s=samples / step, memory=_memory(shape, c, n, b, 2), profile=profile.name,
     )
 
 
-_LABELS = {"mics": "MiCS", "zero3": "ZeRO-3", "hsdp": "FSDP2 HSDP"}
+# ---- the planner lives in planner.py; these names stay importable from here ----------------------------------
+_PLANNER_NAMES = ("PlanResult", "WeakScaling", "format_plan", "plan", "weak_scaling")
 
 
-def _gather_label(x: Prediction) -> str:
-    if x.partition_size <= x.gpus_per_node:
-        return "intra-node"
-    return "hierarchical" if x.hierarchical else "flat"
+def __getattr__(name: str) -> object:
+    if name in _PLANNER_NAMES:
+        from . import planner
 
-
-def format_plan(result: PlanResult) -> str:
-    """A readable report of ``plan``'s result: the choice, the memory left, and a comparison table."""
-    c = result.cluster
-    mem = result.memory
-    p = result.partition_size
-    span = f"{p // c.gpus_per_node} nodes" if p > c.gpus_per_node else ("1 node" if p == c.gpus_per_node
-                                                                         else f"{p} of {c.gpus_per_node} GPUs")
-    lines = [
-        f"plan: {result.model} ({result.n_params / 1e9:.2f}B params) on {result.nodes} x {c.name} "
-        f"({result.num_gpus} GPUs, {c.gpus_per_node}x {c.gpu}), seq {result.seq}, micro-batch "
-        f"{result.micro_batch}, grad-accum {result.grad_accum}",
-        f"partition size p = {p} ({span}), replication groups of r = {result.num_gpus // p}",
-        f"memory per rank (MiCS): states {mem.model_states / GIB:.1f} + buffers {mem.buffers / GIB:.1f} + "
-        f"activations {mem.activations / GIB:.1f} + reserve {mem.reserve / GIB:.1f} = {mem.total / GIB:.1f} of "
-        f"{mem.capacity / GIB:.0f} GiB, {mem.free / GIB:.1f} GiB left",
-        "",
-        "| strategy | p | all-gather | step (s) | TFLOPS/GPU (8N) | samples/s | comm exposed (s) | overlap "
-        "| memory/rank (GiB) | fits |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for key, x in result.predictions.items():
-        lines.append(
-            f"| {_LABELS[key]} | {x.partition_size} | {_gather_label(x)} | {x.step_time_s:.3f} | "
-            f"{x.tflops_per_gpu:.1f} | {x.samples_per_s:.1f} | {x.exposed_comm_s:.3f} | {x.overlap:.0%} | "
-            f"{x.memory.total / GIB:.1f} | {'yes' if x.fits else 'NO'} |"
-        )
-    mics, zero3 = result.predictions["mics"], result.predictions["zero3"]
-    lines.append("")
-    lines.append(f"MiCS / ZeRO-3 throughput: {mics.samples_per_s / zero3.samples_per_s:.2f}x "
-                 f"(analytic model, see mics_hf.planning.costmodel's docstring for its assumptions)")
-    return "\n".join(lines)
+        return getattr(planner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
