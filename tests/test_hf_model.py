@@ -94,6 +94,27 @@ def _peft_adapter_save(rank, world, out, p):
     return all(torch.equal(ref[k], v) for k, v in full.items() if "lora_" in k)
 
 
+def _peft_export_merged(rank, world, out):
+    model = mics_hf.shard_model(_lora_gpt2(), mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
+    mics_hf.save_pretrained(model, out)  # an export: one model, adapters merged
+    full = mics_hf.full_state_dict(model)
+    if rank != 0:
+        return True
+    from peft import set_peft_model_state_dict  # noqa: F401  (the reference merges with PEFT on one process)
+
+    ref = _lora_gpt2()
+    ref.load_state_dict(full)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
+    merged = GPT2LMHeadModel.from_pretrained(out)
+    assert not any("lora" in k for k in load_file(Path(out) / "model.safetensors"))
+    with torch.no_grad():
+        return torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_peft_export_merges_the_adapter(pools, tmp_path):
+    assert all(pools(WORLD).run(_peft_export_merged, str(tmp_path / "merged")))
+
+
 @pytest.mark.parametrize("p", [2, 4])
 def test_peft_save_pretrained_writes_the_full_adapter(pools, tmp_path, p):
     assert all(pools(WORLD).run(_peft_adapter_save, str(tmp_path / "adapter"), p))

@@ -206,3 +206,38 @@ def test_a_new_head_is_initialised_with_a_warning(checkpoints):
     with pytest.warns(UserWarning, match="newly initialised.*score.weight"):
         model = mics_hf.from_pretrained(GPT2ForSequenceClassification, checkpoints["gpt2"], num_labels=3, pad_token_id=0)
     assert mics_hf.full_state_dict(model)["score.weight"].abs().sum() > 0
+
+
+# ---- PEFT on a base read into the shards ---------------------------------------------------------------------
+def _lora(base: torch.nn.Module) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(21)  # the adapter's A is drawn at random: the same seed on every rank and in the reference
+    return get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], lora_dropout=0.0, fan_in_fan_out=True))
+
+
+def _peft_on_deferred_base(rank, world, path, p):
+    g = torch.Generator().manual_seed(13)
+    ids = torch.randint(0, VOCAB, (world, 2, 10), generator=g)[rank]
+    with defer_from_pretrained():
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    model = shard_pretrained(_lora(base), mics_hf.MiCSConfig(partition_size=p, devices_per_node=2))
+    start = mics_hf.full_state_dict(model, rank0_only=False)
+    ref = _lora(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64))
+    # The adapter's A is a fresh random draw on the sharded side (PEFT drew it on a meta base, where values are
+    # lost); B starts at zero either way, so the model starts as the pretrained one. DDP starts from the same A.
+    assert all(not v.any() for k, v in start.items() if "lora_B" in k)
+    base_ok = all(torch.equal(start[k], v) for k, v in ref.state_dict().items() if "lora_" not in k)
+    ref.load_state_dict(start)
+    _one_step(model, ids)
+    ours = mics_hf.full_state_dict(model, rank0_only=False)
+    _one_step(torch.nn.parallel.DistributedDataParallel(ref), ids)
+    errs = {k: float((ours[k] - v).abs().max() / v.abs().max().clamp_min(1e-30)) for k, v in ref.state_dict().items()}
+    moved = float((ours["base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight"]).abs().max())
+    return max(errs.values()), moved, base_ok
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_lora_on_a_base_read_into_shards_matches_ddp(pools, checkpoints, p):
+    for err, moved, base_ok in pools(WORLD).run(_peft_on_deferred_base, str(checkpoints["gpt2"]), p):
+        assert base_ok and err < 1e-10 and moved > 0  # B starts at zero (PEFT's init) and one step moves it

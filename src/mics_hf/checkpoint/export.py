@@ -26,6 +26,7 @@ from ..engine.shard import get_state
 from ..engine.topology import world_and_rank
 from .files import check_name, fsync_dir, fsync_tree, open_inside, parse_json, read_small
 from .format import LATEST, METADATA, CheckpointError, _all_ok, dtype_of, is_complete, read_metadata
+from .hf_save import is_peft_model
 from .load import _row_layout, _ShardReader
 from .state_dict import full_state_dict
 
@@ -152,8 +153,11 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: 
     weights = full_state_dict(model)  # every rank gathers; rank 0 keeps the full tensors
 
     def write(tmp: Path) -> None:
-        with _original_class(model):
-            model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True, **kwargs)
+        if is_peft_model(model):  # an export is a whole model: the adapters merged into the base weights
+            _merged(model, weights).save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+        else:
+            with _original_class(model):
+                model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
@@ -163,6 +167,26 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: 
         except Exception as exc:
             error = exc
     _all_ok(error is None, f"saving the model to {out}", error)
+
+
+def _merged(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """An unsharded copy of a PEFT model with its full weights, adapters merged by PEFT itself (rank 0, CPU).
+
+    The copy is built on the meta device and takes the gathered tensors as they are (no second copy); tied
+    weights stay tied because the gathered state holds one tensor under each of their names."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    with init_empty_weights(include_buffers=False):
+        fresh = type(base)._from_config(base.config) if hasattr(type(base), "_from_config") else type(base)(base.config)
+    name = next(iter(model.peft_config))
+    copy = get_peft_model(fresh, model.peft_config[name], adapter_name=name)
+    missing, unexpected = copy.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in missing if any(p.is_meta for n, p in copy.named_parameters() if n == k)]
+    if missing or unexpected:
+        raise CheckpointError(f"the PEFT model's gathered state does not fit a fresh copy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return copy.merge_and_unload()
 
 
 def consolidate_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -96,6 +96,9 @@ class PretrainedWeights:
 
     # ---- names ----------------------------------------------------------------------------------------
     def _candidates(self, name: str) -> Iterable[str]:
+        # a PEFT model's names for the base weights: base_model.model.<name>, with LoRA's wrapped layer as base_layer
+        if name.startswith("base_model.model."):
+            name = name[len("base_model.model."):].replace(".base_layer.", ".")
         yield name
         if self.prefix:
             head = self.prefix + "."

@@ -130,7 +130,7 @@ def _discover_node_map(world_size: int) -> tuple[int, ...]:
     return tuple(index.setdefault(n, len(index)) for n in names)  # type: ignore[arg-type]
 
 
-def _validate_before_collectives(model: nn.Module, config: MiCSConfig, world_size: int) -> None:
+def _validate_before_collectives(model: nn.Module, config: MiCSConfig, world_size: int, with_weights: bool = False) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"shard_model expects an nn.Module, got {type(model).__name__}")
     if is_sharded(model):
@@ -144,7 +144,7 @@ def _validate_before_collectives(model: nn.Module, config: MiCSConfig, world_siz
             "the weights"
         )
     meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if meta and len(meta) != len(list(model.parameters())):
+    if meta and len(meta) != len(list(model.parameters())) and not with_weights:
         raise ValueError(
             f"some parameters are on the meta device ({meta[:3]}...) and others are not; build the whole model under "
             "accelerate.init_empty_weights(include_buffers=False), or materialise it entirely"
@@ -349,23 +349,27 @@ def _materialise_unit(
     initialises the same full unit from the same RNG state (the model's initial weights do not depend on the
     rank) and keeps only its shard. Modules inside other units are skipped: their parameters are already shards.
     """
-    if not entries or not entries[0][1].is_meta:
-        return [(fqn, p, uses, p, None) for fqn, p, uses in entries]
-    loaded = {fqn: rows_of(fqn, p) for fqn, p, _ in entries}
-    if all(v is not None for v in loaded.values()):
-        return [(fqn, p, uses, p, loaded[fqn]) for fqn, p, uses in entries]
+    loaded = {fqn: rows_of(fqn, p) for fqn, p, _ in entries if p.is_meta}
+    if all(v is not None for v in loaded.values()):  # nothing on meta, or all of it read from the source
+        return [(fqn, p, uses, p, loaded.get(fqn)) for fqn, p, uses in entries]
     fresh = []
     for fqn, p, uses in entries:
+        if not p.is_meta:  # already real (e.g. an adapter initialised by its own library)
+            fresh.append((fqn, p, uses, p, None))
+            continue
         real = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
         for module, name in uses:
             module._parameters[name] = real
         fresh.append((fqn, real, uses, p, loaded[fqn]))
     inside_nested = {id(m) for u in other_units for m in u.modules()}
     init = _init_function(model)
+    real_before = [(p, p.detach().clone()) for _, p, _ in entries if not p.is_meta]
     with torch.no_grad():
         for module in unit.modules():
             if id(module) not in inside_nested:
                 init(module)
+        for p, value in real_before:  # the model's init scheme must not overwrite what was already real
+            p.copy_(value)
     return fresh
 
 
@@ -439,7 +443,7 @@ def shard_model(
     """
     config = config or MiCSConfig()
     world_size, rank = world_and_rank()
-    _validate_before_collectives(model, config, world_size)
+    _validate_before_collectives(model, config, world_size, with_weights=weights is not None)
     topology = _resolve_topology(config, world_size, rank)
     groups = _comm_groups(topology)
     stats = CommStats()

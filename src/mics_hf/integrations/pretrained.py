@@ -99,10 +99,36 @@ def _build_on_meta(model_class: Any, directory: Path, *, config: Any, dtype: Any
     return model
 
 
+def _materialise_adapters(model: nn.Module) -> None:
+    """Give PEFT adapter weights added to a deferred (meta) base their values by PEFT's own initialisation.
+
+    `get_peft_model` on a meta base creates LoRA weights on meta too; the checkpoint does not hold them and the
+    base model's `_init_weights` would draw LoRA's B at random (PEFT starts it at zero, so training starts from
+    the pretrained model). Every rank draws the same values from the same seed; sharding then checks it.
+    """
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict):
+        return
+    for module in model.modules():
+        reset = getattr(module, "reset_lora_parameters", None)
+        adapters = getattr(module, "lora_A", None)
+        if reset is None or adapters is None:
+            continue
+        for name in list(adapters.keys()):
+            parts = (module.lora_A[name], module.lora_B[name])
+            if not any(p.is_meta for part in parts for p in part.parameters()):
+                continue  # PEFT initialised them for real before looking at the base's device: keep its values
+            for part in parts:
+                part.to_empty(device="cpu")
+            reset(name, peft_config[name].init_lora_weights)
+
+
 def _names(model: nn.Module) -> tuple[dict[int, list[str]], list[str]]:
+    """The names of the parameters still to be read (meta ones) and of the persistent buffers."""
     params: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        params.setdefault(id(p), []).append(name)
+        if p.is_meta:
+            params.setdefault(id(p), []).append(name)
     non_persistent = {
         f"{m_name}.{b}" if m_name else b for m_name, m in model.named_modules() for b in getattr(m, "_non_persistent_buffers_set", ())
     }
@@ -123,6 +149,7 @@ def shard_pretrained(model: nn.Module, config: MiCSConfig | None = None, *, devi
     guard = getattr(model, _GUARD, None)
     if guard is not None:
         guard.remove()
+    _materialise_adapters(model)
     weights = PretrainedWeights(directory, base_model_prefix=getattr(model, "base_model_prefix", "") or "")
     params, buffers = _names(model)
     weights.check_names(params, buffers)
@@ -130,7 +157,9 @@ def shard_pretrained(model: nn.Module, config: MiCSConfig | None = None, *, devi
         shard_model(model, config, device=device, weights=weights)
     finally:
         weights.close()
-    delattr(model, _PENDING)
+    for module in model.modules():  # a PEFT wrapper reaches its base model's attributes; delete where they live
+        module.__dict__.pop(_PENDING, None)
+        module.__dict__.pop(_GUARD, None)
     model.eval()  # as transformers' from_pretrained leaves it (dropout off until model.train())
     return model
 
