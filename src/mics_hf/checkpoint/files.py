@@ -57,10 +57,11 @@ def check_name(name: Any, field: str) -> str:
     return name
 
 
-def open_inside(directory: Path, name: str, field: str) -> int:
-    """Open directory/name for reading, refusing links and anything but a regular file; returns the descriptor."""
+def open_inside(directory: Path, name: str, field: str, *, follow_links: bool = False) -> int:
+    """Open directory/name for reading, refusing links (unless `follow_links`: a Hugging Face cache snapshot is
+    made of links to its blobs) and anything but a regular file; returns the descriptor."""
     path = directory / check_name(name, field)
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | (0 if follow_links else os.O_NOFOLLOW) | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
@@ -88,6 +89,16 @@ def pread_exact(fd: int, size: int, offset: int, path: Path) -> bytes:
         chunks.append(chunk)
         done += len(chunk)
     return b"".join(chunks)
+
+
+def read_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+    """Fill `buffer` with the file's bytes from `offset` (a short read means the file changed under us: an error)."""
+    done, size = 0, len(buffer)
+    while done < size:
+        n = os.preadv(fd, [buffer[done : done + (1 << 30)]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{path} ended {size - done} bytes early while reading it; it was truncated, load an earlier checkpoint")
+        done += n
 
 
 def crc32_fd(fd: int) -> int:
@@ -133,10 +144,13 @@ class SafetensorsFile:
     parsed; `field` names the metadata entry in every error.
     """
 
-    def __init__(self, directory: Path, name: str, field: str, *, expect_bytes: int | None = None, expect_crc32: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, name: str, field: str, *, expect_bytes: int | None = None, expect_crc32: int | None = None,
+        follow_links: bool = False,
+    ) -> None:
         self.path = directory / name
         self.field = field
-        self.fd = open_inside(directory, name, field)
+        self.fd = open_inside(directory, name, field, follow_links=follow_links)
         try:
             self._check(expect_bytes, expect_crc32)
             self.entries, self.data_start = self._header()
@@ -217,9 +231,10 @@ class SafetensorsFile:
         out_shape = (hi - lo, *dims[1:])
         if hi == lo or row_bytes == 0:
             return torch.empty(out_shape, dtype=dtype)
-        raw = bytearray(pread_exact(self.fd, (hi - lo) * row_bytes, self.data_start + begin + lo * row_bytes, self.path))
         read_as = torch.uint8 if dtype == torch.bool else dtype
-        tensor = torch.frombuffer(raw, dtype=read_as).view(out_shape)
+        tensor = torch.empty(out_shape, dtype=read_as)
+        # read straight into the tensor's memory: no intermediate bytes object, no memory map of the file
+        read_into(self.fd, memoryview(tensor.view(-1).view(torch.uint8).numpy()), self.data_start + begin + lo * row_bytes, self.path)
         if dtype == torch.bool:
             if bool((tensor > 1).any()):
                 raise CheckpointError(f"checkpoint file {self.path}: bool tensor {key!r} holds bytes other than 0 and 1; it is corrupted")

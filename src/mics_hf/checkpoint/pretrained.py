@@ -18,12 +18,10 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
-from safetensors import safe_open
-
-from .files import CheckpointError, check_name
+from .files import CheckpointError, SafetensorsFile, check_name
 
 __all__ = ["PretrainedWeights", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME"]
 
@@ -69,9 +67,9 @@ class PretrainedWeights:
                 "environment" if pickled else "point at the directory written by save_pretrained"
             )
             raise CheckpointError(f"{self.directory} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}; {hint}")
-        self._open: dict[str, Any] = {}
+        self._open: dict[str, SafetensorsFile] = {}
         if self.file_of is None:
-            self.keys = set(self._file(SAFE_WEIGHTS_NAME).keys())
+            self.keys = self._file(SAFE_WEIGHTS_NAME).keys()
             self.file_of = dict.fromkeys(self.keys, SAFE_WEIGHTS_NAME)
         else:
             self.keys = set(self.file_of)
@@ -80,18 +78,17 @@ class PretrainedWeights:
         self._mode: str | None = None  # how model names map to file names; fixed by check_names()
 
     # ---- files ----------------------------------------------------------------------------------------
-    def _file(self, name: str) -> Any:
+    def _file(self, name: str) -> SafetensorsFile:
+        """The file, opened once; its header is validated (offsets inside the file, no overlaps, sizes match
+        shapes) before anything is read. Reads go straight into tensors with pread: no memory map, so a rank's
+        resident memory holds only its own rows."""
         if name not in self._open:
-            path = self.directory / name
-            try:
-                self._open[name] = safe_open(str(path), framework="pt", device="cpu")
-            except FileNotFoundError:
-                raise CheckpointError(f"{path} is missing but the index names it; download the checkpoint again") from None
-            except Exception as exc:  # safetensors validates the header: a damaged file is refused here
-                raise CheckpointError(f"{path} is not a valid safetensors file ({str(exc)[:200]}); download it again") from None
+            self._open[name] = SafetensorsFile(self.directory, name, f"{self.directory.name}/{name}", follow_links=True)
         return self._open[name]
 
     def close(self) -> None:
+        for f in self._open.values():
+            f.close()
         self._open.clear()
 
     # ---- names ----------------------------------------------------------------------------------------
@@ -146,8 +143,7 @@ class PretrainedWeights:
         if key is None:
             return None
         f = self._file(self.file_of[key])
-        piece = f.get_slice(key)
-        saved = tuple(piece.get_shape())
+        saved = tuple(f.describe(key)[1])
         if saved != tuple(shape):
             raise CheckpointError(
                 f"{self.directory}: {key!r} has shape {saved} in the checkpoint but the model's {names[0]!r} has "
@@ -155,15 +151,13 @@ class PretrainedWeights:
                 "resized after loading, on the full model)"
             )
         self.used.add(key)
-        if not saved:  # a 0-dim tensor is one row of nothing
-            return f.get_tensor(key).reshape(1)
-        return piece[start:stop]
+        return f.rows(key, start, stop)  # a 0-dim tensor is one row of nothing
 
     def buffer(self, names: Sequence[str], like: torch.Tensor) -> torch.Tensor | None:
         key = self.key_for(names)
         if key is None:
             return None
-        value = self._file(self.file_of[key]).get_tensor(key)
+        value = self._file(self.file_of[key]).tensor(key)
         if tuple(value.shape) != tuple(like.shape):
             raise CheckpointError(
                 f"{self.directory}: buffer {key!r} has shape {tuple(value.shape)} in the checkpoint but "
@@ -173,11 +167,7 @@ class PretrainedWeights:
 
     def dtype(self) -> torch.dtype | None:
         """The dtype of the checkpoint's floating tensors (what `dtype="auto"` loads in), if they share one."""
-        dtypes = set()
-        for name in sorted(set(self.file_of.values()))[:1]:
-            f = self._file(name)
-            for key in list(f.keys())[:64]:
-                t = f.get_slice(key)
-                dtypes.add(t.get_dtype())
-        floats = {d for d in dtypes if d in ("F64", "F32", "F16", "BF16")}
-        return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(floats.pop()) if len(floats) == 1 else None
+        name = sorted(set(self.file_of.values()))[0]
+        f = self._file(name)
+        floats = {f.describe(k)[0] for k in sorted(f.keys())[:64]} & {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+        return floats.pop() if len(floats) == 1 else None

@@ -24,7 +24,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     norm_type = float(norm_type)
     grads = [sp.sharded.grad for _, g in state.units for sp in g.params if sp.sharded.grad is not None]
     device = state.root_unit.device
-    dtype = state.root_unit.grad_flat.dtype  # the master dtype: float32, or float64 for a float64 model
+    dtype = state.policy.master_dtype  # float32, or float64 for a float64 model
     if norm_type == math.inf:
         local = max((g.detach().abs().max() for g in grads if g.numel()), default=torch.zeros((), device=device))
         total = local.to(device=device, dtype=dtype).clone()

@@ -128,13 +128,17 @@ class ShardedParam:
         start = min(position * self.rows, self.dim0)
         stop = min(start + self.rows, self.dim0)
         self.offsets = (start, stop)
+        device = device if device is not None else param.device
         if local is None:
             local = param.detach().reshape(dims)[start:stop]
+            owned = False  # a view of the user's parameter: copied
         elif tuple(local.shape) != (stop - start, *dims[1:]):
             raise ValueError(f"{fqn}: rows [{start}, {stop}) of shape {tuple(param.shape)} expected, got a tensor of shape {tuple(local.shape)}")
-        device = device if device is not None else param.device
-        with torch.no_grad():
-            local = torch.empty(local.shape, dtype=policy.master_dtype, device=device).copy_(local)  # contiguous, owned
+        else:
+            owned = True  # read for this shard alone: kept as it is when it already has the right dtype and device
+        if not (owned and local.dtype == policy.master_dtype and local.device == device and local.is_contiguous()):
+            with torch.no_grad():
+                local = torch.empty(local.shape, dtype=policy.master_dtype, device=device).copy_(local)  # contiguous, owned
         self.sharded = nn.Parameter(local, requires_grad=param.requires_grad)
         self.local_numel = local.numel()
         # p = 1 computing in the master dtype (the DDP end of the spectrum): the shard IS the full parameter, so
@@ -228,7 +232,7 @@ class ShardedUnit:
         for dtype in {policy.compute_dtype, policy.gradient_reduce_dtype, policy.master_dtype}:
             self._gather_tag(dtype), self._sum_tag(dtype)  # on the compute stream, before any side stream reads them
         self._trainable_flags: tuple[bool, ...] | None = None
-        self.grad_flat = torch.zeros(0, dtype=policy.master_dtype, device=device)
+        self._grad_flat: torch.Tensor | None = None
         self.refresh_trainable()
 
     # ---- trainable parameters and the gradient layout ----------------------------------------------------
@@ -250,7 +254,7 @@ class ShardedUnit:
             offset += sp.padded_len if trainable else 0
         self.trainable = [sp for sp in self.params if sp.grad_offset >= 0]  # read on every reduction
         self.grad_numel = offset  # trainable elements of one position's segment (tags excluded)
-        self.grad_flat = torch.zeros(offset + TAG_NUMEL, dtype=self.policy.master_dtype, device=self.device)
+        self._grad_flat = None  # allocated by the first reduction (a model only loaded or generating needs none)
         with torch.no_grad():
             for sp in self.params:
                 grad = kept.get(id(sp))
@@ -262,6 +266,13 @@ class ShardedUnit:
                     sp.sharded.grad = None
         self._trainable_flags = flags
         return True
+
+    @property
+    def grad_flat(self) -> torch.Tensor:
+        """The accumulated fp32 shard gradient of the trainable parameters (+ the tag), zeros until reduced into."""
+        if self._grad_flat is None:
+            self._grad_flat = torch.zeros(self.grad_numel + TAG_NUMEL, dtype=self.policy.master_dtype, device=self.device)
+        return self._grad_flat
 
     def _grad_view(self, sp: ShardedParam) -> torch.Tensor:
         return self.grad_flat[sp.grad_offset : sp.grad_offset + sp.local_numel].view(sp.sharded.shape)
