@@ -148,3 +148,16 @@ def test_generate_can_regather_every_step(pools):
     results = pools(WORLD).run(_generate, 2, False)
     assert all(same for same, _, _ in results)
     assert all(gathers > 2 * units for _, gathers, units in results)
+
+
+def _peft_after_sharding(rank, world):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_sharded(2), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_adapters_added_after_sharding_are_refused(pools):
+    with pytest.raises(RankError) as info:
+        pools(WORLD).run(_peft_after_sharding)
+    assert all("added to the model after it was sharded" in e for e in info.value.errors.values())

@@ -42,6 +42,8 @@ __all__ = [
     "MiCSTrainingArguments",
     "MiCSTrainer",
     "from_pretrained",
+    "defer_from_pretrained",
+    "shard_pretrained",
 ]
 
 __version__ = "0.1.0"
@@ -51,6 +53,8 @@ _INTEGRATIONS = {
     "MiCSTrainingArguments": ("mics_hf.integrations.trainer", "MiCSTrainingArguments"),
     "MiCSTrainer": ("mics_hf.integrations.trainer", "MiCSTrainer"),
     "from_pretrained": ("mics_hf.integrations.pretrained", "from_pretrained"),
+    "defer_from_pretrained": ("mics_hf.integrations.pretrained", "defer_from_pretrained"),
+    "shard_pretrained": ("mics_hf.integrations.pretrained", "shard_pretrained"),
 }
 
 

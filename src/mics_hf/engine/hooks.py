@@ -109,6 +109,7 @@ class MiCSState:
         # Inference that runs many forwards in a row (generate()): units stay gathered from one no-grad forward to
         # the next instead of being gathered again at every decoding step; see generation.py.
         self.keep_gathered = False
+        self._shard_ids: set[int] | None = None  # the parameters the units own (see _check_no_new_parameters)
         self._register_hooks()
 
     @property
@@ -197,8 +198,24 @@ class MiCSState:
             if not keeping:
                 u.reshard()
             u.refresh_trainable()
+        if not keeping:
+            self._check_no_new_parameters()
         self._recording = []
         self.training_state = TrainingState.FORWARD
+
+    def _check_no_new_parameters(self) -> None:
+        """A parameter added after sharding (get_peft_model or a new head on a sharded model) belongs to no unit:
+        nothing would average its gradient across ranks and every rank would train its own copy. Refuse it."""
+        known = self._shard_ids
+        if known is None:
+            known = self._shard_ids = {id(sp.sharded) for _, u in self.units for sp in u.params}
+        for name, p in self.root.named_parameters():
+            if id(p) not in known:
+                raise ValueError(
+                    f"parameter {name!r} was added to the model after it was sharded, so no unit owns it and its "
+                    "gradients would never be averaged across ranks; add adapters and heads before sharding (e.g. "
+                    "get_peft_model on the model from mics_hf.defer_from_pretrained / before shard_model or prepare())"
+                )
 
     def _end_forward(self) -> None:
         if self._recording:
