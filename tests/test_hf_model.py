@@ -161,3 +161,42 @@ def test_adapters_added_after_sharding_are_refused(pools):
     with pytest.raises(RankError) as info:
         pools(WORLD).run(_peft_after_sharding)
     assert all("added to the model after it was sharded" in e for e in info.value.errors.values())
+
+
+def _peft_generate(rank, world, keep):
+    model = mics_hf.shard_model(_lora_gpt2(), mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
+    ref = _lora_gpt2().eval()
+    model.eval()
+    prompt = torch.randint(1, VOCAB, (1, 2 + rank), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():  # PeftModel.generate runs the wrapped model's forward, not the sharded root's
+        out = model.generate(input_ids=prompt, max_new_tokens=2 + rank, do_sample=False, pad_token_id=0, mics_keep_gathered=keep)
+        want = ref.generate(input_ids=prompt, max_new_tokens=2 + rank, do_sample=False, pad_token_id=0)
+    return torch.equal(out, want)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_generate_of_a_peft_model(pools, keep):
+    assert all(pools(WORLD).run(_peft_generate, keep))
+
+
+def _export_fine_tuned_head(rank, world, pretrained, ckpt, out):
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(pretrained, num_labels=3)  # architectures: BertForMaskedLM
+    mics_hf.shard_model(model, mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
+    mics_hf.save_checkpoint(ckpt, model, step=1)
+    full = mics_hf.full_state_dict(model)
+    if rank == 0:
+        mics_hf.export_checkpoint(mics_hf.latest_checkpoint(ckpt), out)
+        loaded = BertForSequenceClassification.from_pretrained(out)
+        return all(torch.equal(loaded.state_dict()[k], v) for k, v in full.items())
+    return True
+
+
+def test_export_of_a_model_fine_tuned_with_a_new_head(pools, tmp_path):
+    """The exported class is the one trained, not config.json's `architectures` inherited from the base."""
+    from models import tiny_bert
+
+    torch.manual_seed(0)
+    tiny_bert().save_pretrained(tmp_path / "mlm")
+    assert all(pools(WORLD).run(_export_fine_tuned_head, str(tmp_path / "mlm"), str(tmp_path / "ckpt"), str(tmp_path / "out")))

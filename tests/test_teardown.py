@@ -68,6 +68,7 @@ def report():
 
 # registered before shard_model, so it runs after mics_hf's handler (atexit is last in, first out)
 atexit.register(report)
+torch.manual_seed(0)  # every rank builds the same weights (shard_model checks the replicas)
 model = mics_hf.shard_model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)),
                             mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
 model(torch.ones(4, 8)).sum().backward()

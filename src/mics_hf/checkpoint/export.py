@@ -229,7 +229,12 @@ def _config_and_class(ckpt: Path, meta: dict[str, Any]) -> tuple[Any, type]:
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise CheckpointError(f"{ckpt / 'config.json'} names model_type {str(model_type)[:60]!r}, which this transformers does not know")
     config = CONFIG_MAPPING[model_type].from_dict(values)
-    cls_name = (getattr(config, "architectures", None) or [meta["model_class"]])[0]
+    # The class that was trained first: a model fine-tuned with a new head keeps the `architectures` of the
+    # checkpoint it started from (e.g. BertForMaskedLM under a BertForSequenceClassification); config.json's
+    # `architectures` only when the recorded class is not a transformers class (e.g. a PEFT wrapper).
+    recorded = meta.get("model_class")
+    known = isinstance(recorded, str) and isinstance(getattr(transformers, recorded, None), type)
+    cls_name = recorded if known else (getattr(config, "architectures", None) or [recorded])[0]
     model_cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
     if not (isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel)):
         raise CheckpointError(f"transformers has no model class {str(cls_name)[:60]!r} (from {ckpt / 'config.json'}); upgrade transformers")

@@ -50,6 +50,10 @@ def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     previous = state.keep_gathered
     state.keep_gathered = bool(keep)
     try:
+        # The root unit (embeddings, final norm, head) is gathered by the hook on the sharded model's forward. A
+        # wrapper's generate may run the wrapped model's forward instead (PEFT's PeftModel calls
+        # base_model.generate), which never passes that hook: gather the root for the whole call here.
+        state.root_unit.wait_unshard()
         return original_method(self, "generate")(*args, **kwargs)
     finally:
         state.keep_gathered = previous

@@ -34,6 +34,8 @@ from .settings import MiCSSettings, parse_mics_value, resolve_mics_settings
 
 __all__ = ["MiCSTrainingArguments", "MiCSTrainer", "MICS_CHECKPOINT_SUBDIR"]
 
+logger = transformers.utils.logging.get_logger(__name__)
+
 MICS_CHECKPOINT_SUBDIR = "mics"
 
 
@@ -164,6 +166,7 @@ class MiCSTrainer(Trainer):
         if not (self.mics_enabled and is_sharded(self.model)):
             return super()._load_best_model()
         best = self.state.best_model_checkpoint
+        logger.info(f"Loading best model from {best} (score: {self.state.best_metric}).")
         load_checkpoint(self._mics_checkpoint(best), self.model, restore_rng=False)  # the weights only
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
