@@ -166,7 +166,7 @@ def main() -> int:
             info=machine_info(), versions=("python", "torch", "transformers"), wall_s=wall,
             sections=[("Config", [f"- world 1 (gloo group of one), 1 thread; {opts.units} blocks of width {opts.width} "
                                   f"+ root, batch {opts.batch}; {opts.rounds} rounds x ({opts.warmup} warm-up + "
-                                  f"{opts.steps} timed steps) per engine", f"- load average at the end: {os.getloadavg()}"]),
+                                  f"{opts.steps} timed steps) per engine"]),
                       ("Results", lines)],
             errors=[], payload={"label": opts.label, "options": vars(opts) | {"out_dir": str(opts.out_dir)}, "results": results},
         )

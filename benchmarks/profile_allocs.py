@@ -186,7 +186,7 @@ def main() -> int:
             info=info, versions=("python", "torch", "transformers"), wall_s=wall,
             sections=[("Config", [f"- {opts.nproc} gloo ranks, devices_per_node=2; tiny GPT-2 (n_embd 128, n_layer "
                                   f"{opts.n_layer}, vocab 1024, seq 64, micro-batch 4), AdamW; {opts.warmup} warm-up + "
-                                  f"{opts.steps} profiled steps", f"- load average at the end: {os.getloadavg()}"]),
+                                  f"{opts.steps} profiled steps"]),
                       ("Allocations per step per unit", lines)],
             errors=[error] if error else [], payload={"label": opts.label, "results": results},
         )
