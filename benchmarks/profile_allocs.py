@@ -43,9 +43,12 @@ import mics_hf  # noqa: E402
 from mics_hf.engine.shard import get_state  # noqa: E402
 from mics_hf.engine.unit import ShardedUnit  # noqa: E402
 
-PATHS = ("unshard", "wait_unshard", "param_storage", "reduce_grads", "wait_reduce", "all_reduce_grads", "wait_all_reduce")
+PATHS = ("unshard", "wait_unshard", "param_storage", "reduce_grads", "wait_reduce", "all_reduce_grads", "wait_all_reduce",
+         "backend")
 # Where the unsharded parameters' own memory is re-grown (inside wait_unshard): booked apart, because that
 # memory is the gathered model itself, which every sharded engine allocates, not a communication buffer.
+# "backend": inside torch.distributed's calls (launch and wait), i.e. gloo's own staging, booked apart because
+# it is the backend's, not the engine's (NCCL allocates none there).
 STORAGE_METHODS = ("_alloc_storage",)
 CASES = {  # name -> (partition_size, param_dtype)
     "p2_fp32": (2, None),
@@ -81,6 +84,26 @@ def _instrument() -> None:
         for name in STORAGE_METHODS:
             if name in vars(cls):
                 _wrap(cls, name, "param_storage")
+    from mics_hf.engine import collectives
+
+    for name in ("_all_gather_tensor", "_reduce_scatter_tensor"):  # the engine's tensor collectives
+        _wrap_function(collectives, name, "backend")
+    _wrap_function(dist, "all_reduce", "backend")
+    _wrap(dist.Work, "wait", "backend")  # the handles' wait, where gloo finishes (and copies out) a collective
+
+
+def _wrap_function(owner, name: str, label: str) -> None:
+    original = getattr(owner, name)
+    if getattr(original, "_profiled", False):
+        return
+
+    @functools.wraps(original)
+    def wrapped(*args, __original=original, **kwargs):
+        with record_function(PREFIX + label):
+            return __original(*args, **kwargs)
+
+    wrapped._profiled = True  # type: ignore[attr-defined]
+    setattr(owner, name, wrapped)
 
 
 def _book(prof) -> dict[str, dict[str, float]]:
@@ -146,11 +169,11 @@ def rank_main(rank: int, opts: argparse.Namespace, port: int, results_path: str)
 
 
 def table(results: dict) -> list[str]:
-    lines = ["| case | units | " + " | ".join(PATHS) + " | engine total, param storage excluded | other |",
+    lines = ["| case | units | " + " | ".join(PATHS) + " | engine total (param storage and backend excluded) | other |",
              "|---|---:|" + "---:|" * (len(PATHS) + 2)]
     for case, r in results.items():
         cells = [f"{r['paths'][k]['allocs_per_step_per_unit']:.2f}" for k in PATHS]
-        total = sum(r["paths"][k]["allocs_per_step_per_unit"] for k in PATHS if k != "param_storage")
+        total = sum(r["paths"][k]["allocs_per_step_per_unit"] for k in PATHS if k not in ("param_storage", "backend"))
         other = r["paths"][OTHER]["allocs_per_step_per_unit"]
         lines.append(f"| {case} | {r['units']} | " + " | ".join(cells) + f" | {total:.2f} | {other:.1f} |")
     lines += ["", "Bytes allocated per step per unit on the engine paths (KiB):", "",

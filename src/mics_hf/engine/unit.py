@@ -11,9 +11,9 @@ trainable parameters only: frozen parameters are gathered but never reduced and 
 [Note: the hot path] Per unit and step, in steady state: the all-gather output comes from the BufferPool
 (buffers.py) and the gather runs in place (this rank's segment is a view of the output, hierarchical stages
 included); copy-in is one `_foreach_copy_` (shards and tag, cast to the compute dtype on the way), copy-out one
-`split_with_sizes_copy` into the unit's unsharded storage, reading the hierarchical chunk order through
-strided views when it is a grid (always, for contiguous node placements; any other order falls back to a copy
-per parameter). The reduce-scatter's copy-in is one `_chunk_cat`, which pads each gradient to p blocks as it
+`split_with_sizes_copy` into the unit's unsharded storage, reading the hierarchical chunk order through a
+transposed view of the gathered chunks (the order of contiguous node placements; any other order falls back to
+a copy per parameter). The reduce-scatter's copy-in is one `_chunk_cat`, which pads each gradient to p blocks as it
 copies (no `F.pad`) and casts to the reduce dtype; a hierarchical order adds one `index_select` into the
 input. All the unit's unsharded parameters live in one storage, grown and freed as one.
 
@@ -135,17 +135,14 @@ class ShardedParam:
             module._parameters[name] = tensor
 
 
-def _chunk_grid(order: tuple[int, ...], rows: int) -> tuple[int, int, int, int, int] | None:
-    """(A, B, base, s1, s2) if chunk a * B + b holds position base + a * s1 + b * s2 for all a < A, b < B."""
+def _is_transpose(order: tuple[int, ...], rows: int) -> bool:
+    """True if chunk a * B + b holds position b * A + a (A = rows, B = p / A): the hierarchical order of
+    contiguous nodes, which a transposed view of the gathered chunks reads in position order."""
     p = len(order)
     if p % rows:
-        return None
+        return False
     a_n, b_n = rows, p // rows
-    base = order[0]
-    s1 = order[b_n] - base if a_n > 1 else 0
-    s2 = order[1] - base if b_n > 1 else 0
-    ok = all(order[a * b_n + b] == base + a * s1 + b * s2 for a in range(a_n) for b in range(b_n))
-    return (a_n, b_n, base, s1, s2) if ok else None
+    return all(order[a * b_n + b] == b * a_n + a for a in range(a_n) for b in range(b_n))
 
 
 class ShardedUnit:
@@ -230,16 +227,12 @@ class ShardedUnit:
         elif self._order is None:
             self._grid = None
             self._copy_out_targets = [sp.padded for sp in self.params] + [self._gathered_tags]
-        else:  # made while the storage exists: as_strided checks its bounds against it
+        else:  # the source is read through a transposed view; the targets stay contiguous
             rows = groups.intra_node.size if groups.intra_node is not None else 1
-            self._grid = _chunk_grid(groups.chunk_order, rows)
-            if self._grid is not None:
-                a_n, b_n, base, s1, s2 = self._grid
-                self._copy_out_targets = [
-                    sp.padded.as_strided((a_n, b_n, sp.padded_len), (s1 * sp.padded_len, s2 * sp.padded_len, 1),
-                                         sp.padded.storage_offset() + base * sp.padded_len)
-                    for sp in self.params
-                ] + [self._gathered_tags.view(a_n, b_n, TAG_NUMEL)]
+            if _is_transpose(groups.chunk_order, rows):
+                self._grid = (rows, p // rows)
+                self._copy_out_targets = [sp.padded.view(p // rows, rows, sp.padded_len) for sp in self.params]
+                self._copy_out_targets.append(self._gathered_tags.view(p // rows, rows, TAG_NUMEL))
         self._free_storage()
 
     def _alloc_storage(self) -> None:
@@ -347,7 +340,8 @@ class ShardedUnit:
         """The gathered chunks into the unsharded storage, in position order ([Note: the hot path])."""
         seg = self.segment_numel
         if self._copy_out_targets is not None:
-            src = out.view(self.p, seg) if self._order is None else out.view(self._grid[0], self._grid[1], seg)
+            # hierarchical: chunk a * B + b is position b * A + a, so the transposed (B, A) view is position order
+            src = out.view(self.p, seg) if self._order is None else out.view(*self._grid, seg).transpose(0, 1)
             torch.split_with_sizes_copy(src, self._split_sizes, dim=-1, out=self._copy_out_targets)
             return
         gathered = out.view(self.p, seg)  # an order that is no grid: chunk c is position order[c]
@@ -382,6 +376,8 @@ class ShardedUnit:
             self._tags[("rows", compute)] = tag.repeat(self.p, 1)  # the tag column of the reduce-scatter input
             self._expected_sum(reduce, self._rs_modulus, self.p)
         self._expected_sum(master, _HOP2_TAG_MODULUS, self.topology.replication_size)
+        # hop 2's 1/r as a device scalar: a Python float would become a new tensor on every call
+        self._tag(("1/r", master), 1.0 / self.topology.replication_size, master)
 
     def _gather_tag(self, dtype: torch.dtype) -> torch.Tensor:
         # copied, never summed: (index + 1) in base 256 is exact in every float dtype, bf16 included
@@ -396,7 +392,7 @@ class ShardedUnit:
         t = 1 + self.index % modulus
         return self._tag(("sums", dtype, modulus, ranks), [ranks * t, ranks * t * t], dtype)
 
-    def _tag(self, key: tuple, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+    def _tag(self, key: tuple, values: list[int] | float, dtype: torch.dtype) -> torch.Tensor:
         # made once per dtype on the device (no host-to-device copy per collective); read-only afterwards
         if key not in self._tags:
             self._tags[key] = torch.tensor(values, dtype=dtype, device=self.device)
@@ -557,7 +553,7 @@ class ShardedUnit:
             r = self.groups.replication.size
             expected = self._expected_sum(self.grad_flat.dtype, _HOP2_TAG_MODULUS, r)
             self.checks.summed(self, "replica all-reduce", self.grad_flat[-TAG_NUMEL:], expected, r)
-            self.grad_flat[: self.grad_numel].mul_(1.0 / r)
+            self.grad_flat[: self.grad_numel].mul_(self._tag(("1/r", self.grad_flat.dtype), 1.0 / r, self.grad_flat.dtype))
         self._hop2_work = None
 
     def join_streams(self) -> None:
