@@ -48,7 +48,8 @@ class Deep(nn.Module):
 
 
 def _buffers_reused(rank: int, world: int, *, p: int, param_dtype=None) -> dict:
-    net = mics_hf.shard_model(tiny_gpt2(), mics_hf.MiCSConfig(partition_size=p, devices_per_node=2, param_dtype=param_dtype))
+    # six blocks: more units than collectives in flight, so one buffer per unit would show
+    net = mics_hf.shard_model(tiny_gpt2(n_layer=6), mics_hf.MiCSConfig(partition_size=p, devices_per_node=2, param_dtype=param_dtype))
     state = get_state(net)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     data = global_batches(steps=4, accum=1, world=world, micro=2)
@@ -83,8 +84,9 @@ def test_communication_buffers_are_reused_across_steps(pools, p, dtype):
         assert first and all(set(s) <= set(first) for s in later), r["seen"]
         assert r["allocations"][1:] == [r["allocations"][0]] * 3, r["allocations"]  # nothing new after step 1
         assert r["in_use"] == 0, r  # every buffer came back
-        # per class (buffer kind, dtype, size): the running collective and the next one, never one per unit
-        assert r["per_class"] <= 2, r
+        # per class (buffer kind, dtype, size): the collectives in flight at once (at most three reduce-scatters
+        # when no hop 2 runs in backward, two all-gathers), never one per unit
+        assert r["per_class"] <= 3, r
         assert r["fused_copy_out"], r
 
 

@@ -25,9 +25,11 @@ some ranks only are caught by the collective tags (unit.py's [Note: collective t
 [Note: gathered units] Prefetching gathers a unit before it runs; it starts only while fewer than
 `MiCSConfig.max_gathered_units` units (the root not counted) are gathered or being gathered, so the gathered
 parameters and the pooled all-gather buffers stay bounded however far the host runs ahead of the device. A
-unit the step needs now is always gathered. Hop 1 likewise keeps at most two reduce-scatters in flight: before
-a unit's reduce-scatter starts, the older ones are finished (they were issued at least one unit of compute
-ago), so their pooled buffers come back.
+unit the step needs now is always gathered. Hop 1 likewise keeps at most three reduce-scatters in flight:
+before a unit's reduce-scatter starts, all but the two newest are finished (issued at least two units of
+compute ago, so the wait is short; waiting for all but the newest measurably stalled the hierarchical CPU path,
+whose second stage starts one hook late), and their pooled buffers come back. Without the bound every unit's
+reduce-scatter buffers would be alive at the end of backward, a whole gradient's worth, kept by the pool.
 
 [Note: activation checkpointing] Checkpointed units re-run forward during backward (`_in_backward()`). The
 pre-hook then only gathers and routes inputs through `_PostBackward`: with reentrant checkpointing that
@@ -294,8 +296,8 @@ class MiCSState:
         if self._hop1_started:  # only the newest can still have a deferred stage: the others were pushed already
             self._hop1_started[-1].advance_reduce()
         if not (self.sync_gradients and self.topology.replication_size > 1):
-            # no hop 2 to start: just keep two reduce-scatters in flight ([Note: gathered units])
-            while len(self._hop1_started) > 1:
+            # no hop 2 to start: just bound the reduce-scatters in flight ([Note: gathered units])
+            while len(self._hop1_started) > 2:
                 self._hop1_started.pop(0).wait_reduce()
             return
         while len(self._hop1_started) > 1:
