@@ -8,6 +8,8 @@ How it counts: the torch profiler with profile_memory=True records one `[memory]
 free made through c10's CPU allocator (read from the raw trace). Each unit method on the step's path (unshard, wait_unshard, reduce_grads,
 wait_reduce, all_reduce_grads, wait_all_reduce) is wrapped in a `record_function` range from outside the engine,
 and every positive `[memory]` event on the rank's main thread is booked on the innermost range that contains it.
+Two ranges are booked apart: `param_storage` (re-growing the unsharded parameters' own memory, the gathered
+model itself) and `backend` (inside torch.distributed's calls: gloo's staging, which NCCL does not have).
 Warm-up steps run first; the profiled steps are steady state. Counts are per optimizer step and per unit (the
 total over the model's units divided by their number), mean over the profiled steps, on rank 0.
 

@@ -48,6 +48,7 @@ class TagChecks:
     def __init__(self, describe: Callable[[int], str]) -> None:
         self.describe = describe
         self._pending: list[tuple] = []
+        self._host: dict[int, torch.Tensor] = {}  # id(expected) -> its host copy, made once (a copy syncs)
 
     def gathered(self, unit, tags: torch.Tensor, expected: torch.Tensor) -> None:
         """tags: (p, TAG_NUMEL), one row per chunk; expected: (TAG_NUMEL,), this unit's tag."""
@@ -63,7 +64,10 @@ class TagChecks:
             host.copy_(got.detach(), non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            self._pending.append((unit, op, host, expected.cpu(), ranks, done))
+            expected_host = self._host.get(id(expected))
+            if expected_host is None:  # the unit keeps `expected` for its life, so its id stays valid
+                expected_host = self._host[id(expected)] = expected.cpu()
+            self._pending.append((unit, op, host, expected_host, ranks, done))
             return
         self._verify(unit, op, got, expected, ranks)
 

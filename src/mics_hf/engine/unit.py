@@ -422,6 +422,8 @@ class ShardedUnit:
                 full = self.pool.acquire("reduce_scatter_input", p * segment, dtype)
             rows = full.view(p, segment)
             grads = self._grads_and_tag()
+            if dtype != grads[0].dtype and full.is_cuda:  # CUDA's _chunk_cat casts nothing: convert first
+                grads = [g.to(dtype) for g in grads]
             if self._order is None:
                 torch._chunk_cat(grads, 0, p, out=rows)  # pads each gradient to p blocks, casts to `dtype`
             else:  # chunk c must hold position order[c]'s block
