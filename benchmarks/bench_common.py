@@ -158,7 +158,9 @@ def write_record(
         f"- CPUs: {info['cpu_count']} ({info['processor']}), no GPU; {info['platform']}",
         "- " + ", ".join(f"{name} {info[name]}" for name in versions)
         + f", mics_hf {info['mics_hf']} (commit {info['mics_hf_commit']})",
-        f"- wall time of the run: {wall_s:.0f} s", "",
+        f"- wall time of the run: {wall_s:.0f} s",
+        # other work on the same cores moves absolute times; the load says how busy the machine was
+        "- load average (1, 5, 15 min) at the end of the run: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()), "",
     ]
     for heading, lines in sections:
         md += [f"## {heading}", "", *lines, ""]

@@ -7,6 +7,8 @@
 What is compared (world size 1, so no communication; this measures the engine's own overhead):
   bare    fp32 parameters, torch.autocast(bf16), fused AdamW on the parameters
   mics_hf shard_model(MiCSConfig(param_dtype=bf16)): bf16 gathered parameters, fp32 master shards, fused AdamW
+  fsdp2   fully_shard on each GPT2Block and the root, MixedPrecisionPolicy(param_dtype=bf16), a world-1 process
+          group (--engines bare,mics_hf leaves it out); its peak memory is the one to compare mics_hf's with
 Both use HF's gradient checkpointing (non-reentrant) and SDPA attention. Engines alternate over rounds so
 clock and thermal drift hit both. TFLOPS per GPU: 8N (the paper's: 6N plus 2N of recomputation) and 6N,
 per token, attention excluded; MFU against the bf16 matmul rate measured on this card in the same run.
@@ -75,16 +77,40 @@ def measured_matmul_peak(device: torch.device) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def _fully_shard(model) -> None:
+    """FSDP2 on a world of one: each block, then the root; bf16 compute, fp32 parameters."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    if not dist.is_initialized():
+        from bench_common import free_port  # this script's folder is on sys.path when run as a script
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device_type, (1,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, GPT2Block):
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
 def run_engine(engine: str, cfg: dict, device: torch.device, steps: int, warmup: int, data: torch.Tensor) -> dict:
+    if device.type == "cuda":  # peak memory counts from here: this engine's model, state and step only
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model = build(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if engine == "bare" else torch.autocast(device.type, enabled=False)
     if engine == "mics_hf":
         mics_hf.shard_model(model, mics_hf.MiCSConfig(param_dtype=torch.bfloat16))
+    elif engine == "fsdp2":
+        _fully_shard(model)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
     for step in range(warmup + steps):
         ids = data[step % len(data)]
@@ -96,6 +122,8 @@ def run_engine(engine: str, cfg: dict, device: torch.device, steps: int, warmup:
         loss.backward()
         if engine == "mics_hf":
             mics_hf.clip_grad_norm_(model, 1.0)
+        elif engine == "fsdp2":  # DTensor gradients: torch's clip works on them at world 1
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -104,10 +132,11 @@ def run_engine(engine: str, cfg: dict, device: torch.device, steps: int, warmup:
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    metrics = mics_hf.comm_stats(model).as_dict() if engine == "mics_hf" else {}
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"times": times, "losses": losses, "params": n_params, "peak_gib": peak}
+    return {"times": times, "losses": losses, "params": n_params, "peak_gib": peak, "metrics": metrics}
 
 
 def cuda_parity(device: torch.device) -> float:
@@ -152,6 +181,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--engines", default="bare,mics_hf,fsdp2", help="comma-separated subset of bare, mics_hf, fsdp2")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -168,9 +198,12 @@ def main() -> None:
     peak = measured_matmul_peak(device)
     print(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s")
 
-    results: dict[str, dict] = {"bare": {"times": []}, "mics_hf": {"times": []}}
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not {"bare", "mics_hf"} <= set(engines) or not set(engines) <= {"bare", "mics_hf", "fsdp2"}:
+        ap.error("--engines needs bare and mics_hf, and may add fsdp2")
+    results: dict[str, dict] = {e: {"times": []} for e in engines}
     for r in range(args.rounds):
-        order = ["bare", "mics_hf"] if r % 2 == 0 else ["mics_hf", "bare"]
+        order = engines if r % 2 == 0 else engines[::-1]
         for engine in order:
             out = run_engine(engine, cfg, device, args.steps, args.warmup, data)
             results[engine]["times"] += out["times"]
@@ -180,12 +213,13 @@ def main() -> None:
 
     rows = []
     n = results["bare"]["params"]
-    for engine in ("bare", "mics_hf"):
+    for engine in engines:
         med = statistics.median(results[engine]["times"])
         t8, t6 = tflops(n, tokens, med, 8), tflops(n, tokens, med, 6)
         rows.append({"engine": engine, "median_step_s": med, "tflops_8n": t8, "tflops_6n": t6,
                      "mfu_8n": t8 / peak, "peak_gib": results[engine]["peak_gib"]})
-    ratio = rows[1]["median_step_s"] / rows[0]["median_step_s"]
+    by = {row["engine"]: row for row in rows}
+    ratio = by["mics_hf"]["median_step_s"] / by["bare"]["median_step_s"]
     loss_gap = max(abs(a - b) for a, b in zip(results["bare"]["losses"][:3], results["mics_hf"]["losses"][:3]))
     lines = [
         f"model {args.preset}: {n / 1e9:.3f}B parameters, batch {cfg['batch']} x seq {cfg['seq']} = {tokens} tokens/step, "
@@ -199,12 +233,23 @@ def main() -> None:
                      f"{row['mfu_8n'] * 100:.1f}% | {row['peak_gib']:.1f} |")
     lines += [
         "",
-        f"mics_hf / bare step time: {ratio:.3f} (goal <= 1.03) -> {'PASS' if ratio <= 1.03 else 'MISS'}",
-        f"mics_hf MFU (8N): {rows[1]['mfu_8n'] * 100:.1f}% (goal >= 50%) -> {'PASS' if rows[1]['mfu_8n'] >= 0.5 else 'MISS'}",
+        f"mics_hf / bare step time: {ratio:.3f} (goal <= 1.00) -> {'PASS' if ratio <= 1.0 else 'MISS'}",
+        f"mics_hf MFU (8N): {by['mics_hf']['mfu_8n'] * 100:.1f}% (goal >= 55%) -> {'PASS' if by['mics_hf']['mfu_8n'] >= 0.55 else 'MISS'}",
         f"first 3 losses, max |bare - mics_hf|: {loss_gap:.4f} (bf16 autocast vs bf16 gathered parameters)",
         f"fp32 CUDA parity: {parity:.2e} -> {'PASS' if parity <= 1e-5 else 'FAIL'}",
     ]
+    if "fsdp2" in by:
+        lines.append(f"peak memory, mics_hf / FSDP2 fully_shard (world 1, same model): {by['mics_hf']['peak_gib']:.1f} / "
+                     f"{by['fsdp2']['peak_gib']:.1f} GiB = {by['mics_hf']['peak_gib'] / by['fsdp2']['peak_gib']:.3f}; "
+                     f"step time mics_hf / FSDP2 {by['mics_hf']['median_step_s'] / by['fsdp2']['median_step_s']:.3f}")
+    exposed = {k: round(v, 4) for k, v in results["mics_hf"].get("metrics", {}).items() if k.endswith("_seconds")}
+    lines.append(f"mics_hf exposed communication over its last run (CUDA events; host wait seconds): {exposed}")
     print("\n".join(lines))
+    if "fsdp2" in engines:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if args.record:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         try:
@@ -224,7 +269,9 @@ def main() -> None:
             "", "TFLOPS count 8N (or 6N) FLOPs per token, attention excluded; MFU divides the 8N figure by the "
             "matmul rate measured above.", "",
         ]
-        out = ROOT / "benchmarks" / f"gpu_{date}.md"
+        out, n = ROOT / "benchmarks" / f"gpu_{date}.md", 2
+        while out.exists() or out.with_suffix(".json").exists():  # never overwrite: a second run gets _2, _3, ...
+            out, n = ROOT / "benchmarks" / f"gpu_{date}_{n}.md", n + 1
         out.write_text("\n".join(header + lines) + "\n")
         out.with_suffix(".json").write_text(json.dumps({"rows": rows, "ratio": ratio, "peak_tflops": peak,
                                                         "parity": parity, "config": cfg, "gpu": gpu, "driver": driver}, indent=1))

@@ -41,7 +41,8 @@ def test_dtype_names_and_dict_round_trip():
     cfg = MiCSConfig.from_dict({"partition_size": 8, "param_dtype": "bf16", "units": ["GPT2Block"], "hierarchical": True})
     assert cfg.param_dtype is torch.bfloat16 and cfg.units == ("GPT2Block",)
     assert MiCSConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.mixed_precision.gradient_reduce_dtype is torch.float32  # fp32 reduction unless asked otherwise
+    # hop 1 reduces in the compute dtype unless asked otherwise (accumulation stays in the fp32 shard gradient)
+    assert cfg.mixed_precision.gradient_reduce_dtype is torch.bfloat16
 
 
 def test_unknown_key_lists_valid_keys():

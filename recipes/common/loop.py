@@ -69,7 +69,10 @@ def train(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: A
             total_loss += loss.detach() / args.gradient_accumulation_steps
         seconds = clock.stop()
         comm = accelerator.mics_metrics(reset=True)  # this step's bytes and calls per op and link class
-        exposed = sum(v for k, v in comm.items() if k.endswith("/wait_seconds"))  # time blocked on communication
+        # time the step stood still for communication: CUDA events on the compute stream where the engine has
+        # them, else the host's blocked time (on CPU the host does the waiting)
+        timed = [v for k, v in comm.items() if k.endswith("/exposed_seconds")]
+        exposed = sum(timed) if timed else sum(v for k, v in comm.items() if k.endswith("/wait_seconds"))
         writer.write(metrics(step=step + 1, loss=mean_over_ranks(total_loss.float()), lr=scheduler.get_last_lr()[0],
                              grad_norm=float(grad_norm), seconds=seconds, exposed_comm_s=exposed, comm=comm))
         if args.save_steps and (step + 1) % args.save_steps == 0:

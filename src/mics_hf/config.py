@@ -57,6 +57,12 @@ class MixedPrecisionPolicy:
     shards" rule): only the communicated and computed copies change precision. The one exception is a model
     whose parameters are all float64: its masters stay float64 (see `for_master`), so a float64 run is
     float64 end to end, as it is without sharding.
+
+    reduce_dtype is the dtype of hop 1, the reduce-scatter of the unsharded gradients. Unset, it is the compute
+    dtype (what FSDP2 and DDP do): the gradients are reduced in the dtype autograd made them in, half the bytes
+    of fp32 under bf16 compute. Accumulation is not affected: each reduce-scatter's result is added into the
+    fp32 shard gradient, micro-steps accumulate there, and hop 2 (the replica all-reduce) sums that fp32
+    gradient. Set reduce_dtype=torch.float32 to also sum across the partition group in fp32.
     """
 
     param_dtype: torch.dtype | None = None
@@ -80,8 +86,8 @@ class MixedPrecisionPolicy:
 
     @property
     def gradient_reduce_dtype(self) -> torch.dtype:
-        """Reduction dtype: explicit, else the master dtype (accumulating in low precision loses small updates)."""
-        return self.reduce_dtype or self.master_dtype
+        """Hop 1's dtype: explicit, else the compute dtype (accumulation stays in the master dtype)."""
+        return self.reduce_dtype or self.compute_dtype
 
 
 COMPILE_KEYS = ("backend", "mode", "fullgraph", "dynamic", "options")
@@ -99,12 +105,19 @@ class MiCSConfig:
         contiguous, e.g. (0, 1, 0, 1).
     hierarchical: "auto" uses the hierarchical all-gather / reduce-scatter when a partition group spans more
         than one node and k > 1; True forces it (an error if there is a single node); False forces flat.
-    param_dtype / reduce_dtype: mixed precision (see MixedPrecisionPolicy).
+    param_dtype / reduce_dtype: mixed precision (see MixedPrecisionPolicy). reduce_dtype (hop 1's
+        reduce-scatter) defaults to the compute dtype; gradients still accumulate in the fp32 shard gradient,
+        and hop 2 all-reduces that fp32 gradient.
     units: module classes, class names or module names ("lm_head") gathered and freed together. None = the
         model's repeated layer (the class of its longest nn.ModuleList or nn.Sequential of same-class modules:
         the transformer blocks), else the HF model's `_no_split_modules`; the root module always keeps the
         remaining parameters (a warning says so when that is most of them).
     prefetch: start all-gathering the next unit while the current one computes (forward and backward).
+    max_gathered_units: at most this many units (the root not counted) gathered or being gathered at once by
+        prefetching, so memory stays flat however far the host runs ahead of the GPU; 2 = the running unit and
+        the next. 1 turns prefetching off. A unit the step needs is always gathered.
+    separate_reduce_group: run hop 1's reduce-scatters on a second communicator over the same ranks, so that
+        they never queue behind all-gathers in backward (one more process group per partition group).
     compile: torch.compile each unit's forward (not the root's); True for torch.compile's defaults, or a
         mapping of its keyword arguments (backend, mode, fullgraph, dynamic, options). MiCS's hooks stay
         outside the compiled regions.
@@ -119,6 +132,8 @@ class MiCSConfig:
     units: tuple[Union[type[nn.Module], str], ...] | None = None
     prefetch: bool = True
     compile: bool | Mapping[str, Any] = False
+    max_gathered_units: int = 2
+    separate_reduce_group: bool = False
 
     def __post_init__(self) -> None:
         for name in ("partition_size", "devices_per_node"):
@@ -136,6 +151,13 @@ class MiCSConfig:
             raise ValueError(f'hierarchical={self.hierarchical!r} must be "auto", True or False')
         if not isinstance(self.prefetch, bool):
             raise ValueError(f"prefetch={self.prefetch!r} must be True or False")
+        if not isinstance(self.separate_reduce_group, bool):
+            raise ValueError(f"separate_reduce_group={self.separate_reduce_group!r} must be True or False")
+        if isinstance(self.max_gathered_units, bool) or not isinstance(self.max_gathered_units, int) or self.max_gathered_units < 1:
+            raise ValueError(
+                f"max_gathered_units={self.max_gathered_units!r} must be a positive integer (2: the running unit and "
+                "the next one; 1 turns prefetching off)"
+            )
         object.__setattr__(self, "param_dtype", parse_dtype(self.param_dtype, field="param_dtype"))
         object.__setattr__(self, "reduce_dtype", parse_dtype(self.reduce_dtype, field="reduce_dtype"))
         if isinstance(self.compile, Mapping):

@@ -13,10 +13,11 @@ on the group's class: `inter_node` if the group spans nodes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,26 +46,66 @@ class CollectiveError(RuntimeError):
 
 @dataclass
 class CommStats:
-    """Calls, bytes sent and seconds spent waiting, per (operation, link class)."""
+    """Calls, bytes sent and time spent waiting, per (operation, link class).
+
+    [Note: timing metrics] `wait_seconds` is host time spent blocked in a collective's wait. On CPU the host
+    does the waiting, so it is the communication the step exposes. On CUDA a wait only queues a stream
+    dependency and returns at once, so the host time says nothing; there `exposed_seconds` is measured with
+    CUDA events recorded on the compute stream around each point where it waits for communication (an
+    all-gather's result, a reused buffer still read by a reduce-scatter, the gradient reductions at the end
+    of backward): the time the compute stream stood still for communication. Events are read after the step
+    (as_dict, resolve), never with a synchronisation inside it.
+    """
 
     calls: defaultdict = field(default_factory=lambda: defaultdict(int))
     bytes: defaultdict = field(default_factory=lambda: defaultdict(int))
     wait_seconds: defaultdict = field(default_factory=lambda: defaultdict(float))
+    exposed_seconds: defaultdict = field(default_factory=lambda: defaultdict(float))
+    _events: list = field(default_factory=list)
 
     def record(self, op: str, group_link: str, send_link: str, nbytes: int) -> None:
         self.calls[(op, group_link)] += 1
         self.bytes[(op, send_link)] += int(nbytes)
 
+    @contextlib.contextmanager
+    def exposed(self, op: str, device: torch.device) -> Iterator[None]:
+        """Book the compute stream's stall inside the block on `op` (CUDA only; on CPU wait_seconds does)."""
+        if device.type != "cuda":
+            yield
+            return
+        before = torch.cuda.Event(enable_timing=True)
+        before.record()
+        yield
+        after = torch.cuda.Event(enable_timing=True)
+        after.record()
+        self._events.append((op, before, after))
+
+    def resolve(self, *, wait: bool = False) -> None:
+        """Turn completed event pairs into exposed_seconds; pairs still in flight stay for a later call, unless
+        `wait`, which waits for them (as_dict does: metrics are read after a step, never inside one)."""
+        waiting = []
+        for op, before, after in self._events:
+            if wait:
+                after.synchronize()
+            if after.query():
+                self.exposed_seconds[op] += before.elapsed_time(after) / 1e3
+            else:
+                waiting.append((op, before, after))
+        self._events = waiting
+
     def reset(self) -> None:
         self.calls.clear()
         self.bytes.clear()
         self.wait_seconds.clear()
+        self.exposed_seconds.clear()
+        self._events.clear()
 
     def total_bytes(self, op: str | None = None, link: str | None = None) -> int:
         return sum(v for (o, l), v in self.bytes.items() if (op is None or o == op) and (link is None or l == link))
 
     def as_dict(self) -> dict[str, float]:
         """Flat metric names, e.g. comm/all_gather/inter_node/bytes, for loggers."""
+        self.resolve(wait=True)
         out: dict[str, float] = {}
         for (op, link), v in sorted(self.bytes.items()):
             out[f"comm/{op}/{link}/bytes"] = v
@@ -72,6 +113,8 @@ class CommStats:
             out[f"comm/{op}/{link}/calls"] = v
         for op, v in sorted(self.wait_seconds.items()):
             out[f"comm/{op}/wait_seconds"] = v
+        for op, v in sorted(self.exposed_seconds.items()):
+            out[f"comm/{op}/exposed_seconds"] = v
         return out
 
 
@@ -207,15 +250,25 @@ def all_gather(output: torch.Tensor, shard: torch.Tensor, group: CommGroup, *, s
 
 
 def hierarchical_all_gather(
-    output: torch.Tensor, shard: torch.Tensor, *, inter: CommGroup, intra: CommGroup, stats: CommStats | None, label: str
+    output: torch.Tensor,
+    shard: torch.Tensor,
+    *,
+    inter: CommGroup,
+    intra: CommGroup,
+    stats: CommStats | None,
+    label: str,
+    staged: torch.Tensor | None = None,
 ) -> Work:
     """The MiCS two-stage all-gather for a partition group spanning m nodes with k ranks each.
 
     Stage 1 gathers among the ranks with the same local index on the m nodes (k such exchanges run in parallel
     on the inter-node links); stage 2 gathers the m-shard blocks inside each node. The output holds the p
-    shards in `Topology.hierarchical_chunk_order`, not in position order.
+    shards in `Topology.hierarchical_chunk_order`, not in position order. `staged` (m shards) may be given:
+    when it is the output's block at this rank's intra-node index and `shard` its own slot inside it, the whole
+    gather runs in place, with no buffer of its own.
     """
-    staged = torch.empty(inter.size * shard.numel(), dtype=shard.dtype, device=shard.device)
+    if staged is None:
+        staged = torch.empty(inter.size * shard.numel(), dtype=shard.dtype, device=shard.device)
     work = Work("all_gather", _ctx(label, [inter, intra], input=shard, output=output), stats)
     gather = lambda out, inp, group: _all_gather_tensor(out, inp, group=group.pg, async_op=True)  # noqa: E731
     return _two_stages(work, "all_gather", (shard, staged, output), (inter, intra), gather, stats)
@@ -250,15 +303,24 @@ def _one_stage(
 
 
 def hierarchical_reduce_scatter(
-    output: torch.Tensor, full: torch.Tensor, *, intra: CommGroup, inter: CommGroup, stats: CommStats | None, label: str
+    output: torch.Tensor,
+    full: torch.Tensor,
+    *,
+    intra: CommGroup,
+    inter: CommGroup,
+    stats: CommStats | None,
+    label: str,
+    staged: torch.Tensor | None = None,
 ) -> Work:
     """The mirror of the hierarchical all-gather: reduce-scatter inside the node, then between nodes.
 
     `full` must be laid out in `Topology.hierarchical_chunk_order`. Stage 1 leaves each rank the node-local sum
     of the m chunks owned by its inter-node group; stage 2 sums those across nodes, so only (m-1)/m of an
-    m-chunk block crosses a node boundary per rank instead of (p-1)/p of the whole gradient.
+    m-chunk block crosses a node boundary per rank instead of (p-1)/p of the whole gradient. `staged` (m
+    chunks, the stage-1 result) may be given by a caller that reuses its buffers.
     """
-    staged = torch.empty(inter.size * output.numel(), dtype=full.dtype, device=full.device)
+    if staged is None:
+        staged = torch.empty(inter.size * output.numel(), dtype=full.dtype, device=full.device)
     work = Work("reduce_scatter", _ctx(label, [intra, inter], input=full, output=output), stats)
     return _two_stages(work, "reduce_scatter", (full, staged, output), (intra, inter), _scatter, stats)
 

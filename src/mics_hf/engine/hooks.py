@@ -22,6 +22,15 @@ on that rank. A unit with trainable parameters that ran is reduce-scattered even
 none of them (zeros); hop 2 runs for every unit that hop 1 touched since the last hop 2. Units that ran on
 some ranks only are caught by the collective tags (unit.py's [Note: collective tags]).
 
+[Note: gathered units] Prefetching gathers a unit before it runs; it starts only while fewer than
+`MiCSConfig.max_gathered_units` units (the root not counted) are gathered or being gathered, so the gathered
+parameters and the pooled all-gather buffers stay bounded however far the host runs ahead of the device. A
+unit the step needs now is always gathered. Hop 1 likewise keeps at most three reduce-scatters in flight:
+before a unit's reduce-scatter starts, all but the two newest are finished (issued at least two units of
+compute ago, so the wait is short; waiting for all but the newest measurably stalled the hierarchical CPU path,
+whose second stage starts one hook late), and their pooled buffers come back. Without the bound every unit's
+reduce-scatter buffers would be alive at the end of backward, a whole gradient's worth, kept by the pool.
+
 [Note: activation checkpointing] Checkpointed units re-run forward during backward (`_in_backward()`). The
 pre-hook then only gathers and routes inputs through `_PostBackward`: with reentrant checkpointing that
 recomputed graph is the one backpropagated, so its `_PostBackward` fires; with non-reentrant checkpointing the
@@ -39,6 +48,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..config import MiCSConfig, MixedPrecisionPolicy
+from .buffers import GatheredUnits
 from .collectives import CommStats
 from .topology import Topology
 from .unit import ShardedUnit, ShardState, TagChecks
@@ -50,6 +60,10 @@ class TrainingState(enum.Enum):
     IDLE = "idle"
     FORWARD = "forward"
     BACKWARD = "backward"
+
+
+# Arguments or outputs of these types need the pytree walk; anything else is a leaf.
+_CONTAINERS = (tuple, list, dict)
 
 
 def _in_backward() -> bool:
@@ -84,6 +98,7 @@ class MiCSState:
         topology: Topology,
         stats: CommStats,
         checks: TagChecks,
+        gathered: GatheredUnits | None = None,
     ) -> None:
         self.root = root
         self.units = units  # (module, unit), root's entry last
@@ -92,6 +107,7 @@ class MiCSState:
         self.topology = topology
         self.stats = stats
         self.checks = checks
+        self.gathered = gathered if gathered is not None else GatheredUnits(config.max_gathered_units)
         self.sync_gradients = True
         self.training_state = TrainingState.IDLE
         self.forward_order: list[ShardedUnit] = []  # the previous forward's unit order (drives prefetch)
@@ -110,6 +126,7 @@ class MiCSState:
         # the next instead of being gathered again at every decoding step; see generation.py.
         self.keep_gathered = False
         self._shard_ids: set[int] | None = None  # the parameters the units own (see _check_no_new_parameters)
+        self.pool: Any = None  # the model's BufferPool (buffers.py); set by shard_model
         self._register_hooks()
 
     @property
@@ -124,6 +141,9 @@ class MiCSState:
 
     # ---- registration ------------------------------------------------------------------------------------
     def _register_hooks(self) -> None:
+        # one closure per unit, made once: the step's hooks create no functions
+        self._pre_backward = {id(u): self._make_pre_backward(u) for _, u in self.units}
+        self._post_backward_of = {id(u): (lambda u=u: self._post_backward(u)) for _, u in self.units}
         for module, unit in self.units:
             is_root = module is self.root
             self._handles.append(
@@ -143,7 +163,7 @@ class MiCSState:
             elif not self._recording or self._recording[-1] is not unit:
                 self._recording.append(unit)
             unit.wait_unshard()
-            if self.config.prefetch and self.forward_order:
+            if self.config.prefetch and self.forward_order and self.gathered.has_room():
                 nxt = self.forward_order[0] if is_root else self._neighbour(unit, +1)
                 if nxt is not None:
                     nxt.unshard()
@@ -161,14 +181,31 @@ class MiCSState:
         """Pass the unit's inputs that need gradients through _PostBackward (nothing to do if none does)."""
         if not torch.is_grad_enabled():
             return None
+        if not any(isinstance(v, _CONTAINERS) for v in args) and not any(isinstance(v, _CONTAINERS) for v in kwargs.values()):
+            return self._route_flat(unit, args, kwargs)  # the usual call: no pytree walk
         leaves, spec = tree_flatten((args, kwargs))
         picked = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not picked:
             return None
-        routed = _PostBackward.apply(lambda: self._post_backward(unit), *(leaves[i] for i in picked))
+        routed = _PostBackward.apply(self._post_backward_of[id(unit)], *(leaves[i] for i in picked))
         for i, t in zip(picked, routed):
             leaves[i] = t
         return tree_unflatten(leaves, spec)
+
+    def _route_flat(self, unit: ShardedUnit, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """_route_inputs for arguments that hold no containers (what blocks are called with)."""
+        keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+        picked = [i for i, v in enumerate(args) if isinstance(v, torch.Tensor) and v.requires_grad]
+        if not picked and not keys:
+            return None
+        routed = _PostBackward.apply(self._post_backward_of[id(unit)], *(args[i] for i in picked), *(kwargs[k] for k in keys))
+        new_args = list(args)
+        for i, t in zip(picked, routed):
+            new_args[i] = t
+        new_kwargs = dict(kwargs)
+        for k, t in zip(keys, routed[len(picked):]):
+            new_kwargs[k] = t
+        return tuple(new_args), new_kwargs
 
     def _make_post_forward(self, unit: ShardedUnit, is_root: bool) -> Callable:
         def post_forward(module: nn.Module, args: tuple, output: Any) -> None:
@@ -235,10 +272,16 @@ class MiCSState:
 
     # ---- backward ----------------------------------------------------------------------------------------
     def _arm_pre_backward(self, unit: ShardedUnit, output: Any) -> None:
-        leaves, _ = tree_flatten(output)
+        hook = self._pre_backward[id(unit)]
+        if isinstance(output, torch.Tensor):
+            leaves = (output,)
+        elif isinstance(output, tuple) and not any(isinstance(v, _CONTAINERS) for v in output):
+            leaves = output  # a block's usual output: tensors (and None), no pytree walk
+        else:
+            leaves, _ = tree_flatten(output)
         for t in leaves:
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(self._make_pre_backward(unit))
+                t.register_hook(hook)
 
     def _make_pre_backward(self, unit: ShardedUnit) -> Callable:
         def pre_backward(grad: torch.Tensor) -> None:
@@ -249,7 +292,7 @@ class MiCSState:
             if unit.state is not ShardState.UNSHARDED:
                 unit.wait_unshard()
             self._unreduced.add(id(unit))
-            if self.config.prefetch and self.forward_order:
+            if self.config.prefetch and self.forward_order and self.gathered.has_room():
                 prev = self.forward_order[-1] if unit is self.root_unit else self._neighbour(unit, -1)
                 if prev is not None:
                     prev.unshard()
@@ -278,6 +321,9 @@ class MiCSState:
         if self._hop1_started:  # only the newest can still have a deferred stage: the others were pushed already
             self._hop1_started[-1].advance_reduce()
         if not (self.sync_gradients and self.topology.replication_size > 1):
+            # no hop 2 to start: just bound the reduce-scatters in flight ([Note: gathered units])
+            while len(self._hop1_started) > 2:
+                self._hop1_started.pop(0).wait_reduce()
             return
         while len(self._hop1_started) > 1:
             u = self._hop1_started.pop(0)
@@ -309,8 +355,10 @@ class MiCSState:
                 for _, u in self.units:
                     u.wait_all_reduce()
                 self.num_hop2 += 1
+            with self.stats.exposed("gradient_reductions", self.root_unit.device):  # the tail of backward
+                for _, u in self.units:
+                    u.join_streams()
             for _, u in self.units:
-                u.join_streams()
                 u.reshard()
             self.num_backwards += 1
         finally:

@@ -32,6 +32,7 @@ from .topology import (
     require_divides,
     world_and_rank,
 )
+from .buffers import BufferPool, GatheredUnits
 from .unit import CommStreams, ShardedParam, ShardedUnit, TagChecks, UnitGroups
 
 __all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state", "WeightSource", "register_model_method", "original_method"]
@@ -404,8 +405,8 @@ def _compile_forward(module: nn.Module, options: bool | dict) -> None:
     module.forward = torch.compile(module.forward, **kwargs)
 
 
-def _comm_groups(topology: Topology) -> UnitGroups:
-    pgs = create_process_groups(topology)
+def _comm_groups(topology: Topology, *, separate_reduce: bool = False) -> UnitGroups:
+    pgs = create_process_groups(topology, separate_reduce=separate_reduce)
     if topology.world_size > 1:
         release_at_exit()  # MiCS's own groups die at exit while that is safe; the user's group is theirs
     r = topology.rank
@@ -419,7 +420,13 @@ def _comm_groups(topology: Topology) -> UnitGroups:
     else:
         intra = inter = None
         order = tuple(range(topology.partition_size))
-    return UnitGroups(partition=partition, replication=replication, intra_node=intra, inter_node=inter, chunk_order=order)
+    reduce: dict[str, CommGroup | None] = {}
+    if separate_reduce:  # hop 1's own communicators: the same ranks and accounting, another process group
+        reduce["reduce_partition"] = dataclasses.replace(partition, pg=pgs.reduce_partition if partition.pg is not None else None)
+        if intra is not None:
+            reduce["reduce_intra_node"] = dataclasses.replace(intra, pg=pgs.reduce_intra_node if intra.pg is not None else None)
+            reduce["reduce_inter_node"] = dataclasses.replace(inter, pg=pgs.reduce_inter_node if inter.pg is not None else None)
+    return UnitGroups(partition=partition, replication=replication, intra_node=intra, inter_node=inter, chunk_order=order, **reduce)
 
 
 def shard_model(
@@ -445,7 +452,7 @@ def shard_model(
     world_size, rank = world_and_rank()
     _validate_before_collectives(model, config, world_size, with_weights=weights is not None)
     topology = _resolve_topology(config, world_size, rank)
-    groups = _comm_groups(topology)
+    groups = _comm_groups(topology, separate_reduce=config.separate_reduce_group)
     stats = CommStats()
     policy = config.mixed_precision.for_master(_master_dtype(model))
     if policy.param_dtype is None and _loaded_low_precision(model) is not None:
@@ -472,6 +479,8 @@ def shard_model(
         return weights.rows(names_of.get(id(param), [fqn]), tuple(param.shape), start, min(start + rows, dims[0]))
 
     streams = CommStreams(device) if device.type == "cuda" else None  # see [Note: stream ordering]
+    pool = BufferPool(device)  # one per model: units with the same layout share buffers ([Note: buffer reuse])
+    gathered = GatheredUnits(config.max_gathered_units)
     unit_entries = _unit_modules(model, config)
     assignment = _assign_parameters(model, [n for n, _ in unit_entries])
     _warn_if_root_is_heavy(model, assignment, topology.partition_size)
@@ -496,7 +505,8 @@ def shard_model(
             continue
         unit = ShardedUnit(
             name, sharded, topology=topology, groups=groups, policy=policy, stats=stats, device=device,
-            streams=streams, index=len(units), checks=checks,
+            streams=streams, index=len(units), checks=checks, pool=pool,
+            gathered=None if module is model else gathered,  # the root stays gathered for the step: not counted
         )
         for sp in sharded:
             sp.point_modules_to(sp.sharded)
@@ -509,7 +519,8 @@ def shard_model(
         [(sp.fqn, sp.sharded) for _, u in units for sp in u.params] + list(model.named_buffers()),
         groups.replication.pg, list(topology.replication_group), device,
     )
-    state = MiCSState(model, units, config=config, policy=policy, topology=topology, stats=stats, checks=checks)
+    state = MiCSState(model, units, config=config, policy=policy, topology=topology, stats=stats, checks=checks, gathered=gathered)
+    state.pool = pool
     state.replaced = replaced
     setattr(model, _STATE_ATTR, state)
     model.__class__ = _mics_class(type(model))

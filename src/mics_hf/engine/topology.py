@@ -228,9 +228,13 @@ class ProcessGroups:
     replication: dist.ProcessGroup | None
     intra_node: dist.ProcessGroup | None
     inter_node: dist.ProcessGroup | None
+    # hop 1's own communicators over the same ranks (MiCSConfig.separate_reduce_group), else None
+    reduce_partition: dist.ProcessGroup | None = None
+    reduce_intra_node: dist.ProcessGroup | None = None
+    reduce_inter_node: dist.ProcessGroup | None = None
 
 
-_GROUP_CACHE: dict[tuple[int, ...], dist.ProcessGroup] = {}
+_GROUP_CACHE: dict[tuple, dist.ProcessGroup] = {}
 
 
 def world_timeout() -> timedelta | None:
@@ -247,22 +251,30 @@ def world_timeout() -> timedelta | None:
         return None
 
 
-def _new_group_everywhere(groups: Sequence[tuple[int, ...]], rank: int) -> dist.ProcessGroup | None:
-    """Every rank calls new_group for every group, in the same order (a requirement of torch.distributed)."""
+def _new_group_everywhere(groups: Sequence[tuple[int, ...]], rank: int, purpose: str = "") -> dist.ProcessGroup | None:
+    """Every rank calls new_group for every group, in the same order (a requirement of torch.distributed).
+
+    Groups are cached by (purpose, ranks): a second communicator over the same ranks has its own purpose.
+    """
     mine = None
     timeout = world_timeout()
     for ranks in groups:
         if len(ranks) == 1:
             continue
-        if ranks not in _GROUP_CACHE:
-            _GROUP_CACHE[ranks] = dist.new_group(list(ranks), timeout=timeout)
+        key = (purpose, *ranks) if purpose else ranks
+        if key not in _GROUP_CACHE:
+            _GROUP_CACHE[key] = dist.new_group(list(ranks), timeout=timeout)
         if rank in ranks:
-            mine = _GROUP_CACHE[ranks]
+            mine = _GROUP_CACHE[key]
     return mine
 
 
-def create_process_groups(topology: Topology) -> ProcessGroups:
-    """Create (or reuse) the groups of `topology`; a world of one creates none."""
+def create_process_groups(topology: Topology, *, separate_reduce: bool = False) -> ProcessGroups:
+    """Create (or reuse) the groups of `topology`; a world of one creates none.
+
+    separate_reduce: also create hop 1's own partition (and intra- / inter-node) groups, so that reduce-scatters
+    run on communicators of their own and never queue behind all-gathers.
+    """
     if topology.world_size == 1:
         return ProcessGroups(None, None, None, None)
     r = topology.rank
@@ -273,7 +285,13 @@ def create_process_groups(topology: Topology) -> ProcessGroups:
     replication = _new_group_everywhere(topology.replication_groups, r)
     intra = _new_group_everywhere(topology.intra_node_groups, r) if topology.hierarchical else None
     inter = _new_group_everywhere(topology.inter_node_groups, r) if topology.hierarchical else None
-    return ProcessGroups(partition=partition, replication=replication, intra_node=intra, inter_node=inter)
+    groups = ProcessGroups(partition=partition, replication=replication, intra_node=intra, inter_node=inter)
+    if separate_reduce:
+        groups.reduce_partition = _new_group_everywhere(topology.partition_groups, r, "reduce")
+        if topology.hierarchical:
+            groups.reduce_intra_node = _new_group_everywhere(topology.intra_node_groups, r, "reduce")
+            groups.reduce_inter_node = _new_group_everywhere(topology.inter_node_groups, r, "reduce")
+    return groups
 
 
 def created_groups() -> list[dist.ProcessGroup]:

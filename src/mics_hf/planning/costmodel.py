@@ -49,8 +49,9 @@ local shard, tens of ms at these sizes) and data loading are not modelled.
 
 Message dtypes: parameters 2 bytes; gradients ``reduce_bytes`` and hop 2 ``hop2_bytes``, both 2 by default, an
 assumption: the paper's system is built on DeepSpeed, which communicates gradients in the training dtype unless
-told otherwise, and the paper does not state hop 2's dtype. mics_hf's default ``reduce_dtype=None`` reduces and
-all-reduces in fp32: pass 4 to model it (it also doubles the reduce-scatter buffer in the memory estimate).
+told otherwise, and the paper does not state hop 2's dtype. mics_hf's default ``reduce_dtype=None`` reduce-scatters
+in the compute dtype (2 bytes under bf16) and all-reduces the fp32 shard gradient (``hop2_bytes=4`` models
+that); ``reduce_dtype="fp32"`` is ``reduce_bytes=4`` (it also doubles the reduce-scatter buffer in the memory estimate).
 """
 
 from __future__ import annotations
