@@ -200,3 +200,28 @@ def test_export_of_a_model_fine_tuned_with_a_new_head(pools, tmp_path):
     torch.manual_seed(0)
     tiny_bert().save_pretrained(tmp_path / "mlm")
     assert all(pools(WORLD).run(_export_fine_tuned_head, str(tmp_path / "mlm"), str(tmp_path / "ckpt"), str(tmp_path / "out")))
+
+
+def _peft_checkpoint(rank, world, ckpt):
+    model = mics_hf.shard_model(_lora_gpt2(), mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
+    mics_hf.save_checkpoint(ckpt, model, step=1)
+    full = mics_hf.full_state_dict(model)  # every rank gathers; rank 0 keeps it
+    return full if rank == 0 else None
+
+
+def test_export_of_a_peft_checkpoint_merges_the_adapter(pools, tmp_path):
+    """`mics-hf export` (offline, one process) of a PEFT model's checkpoint: one merged model, the adapter's
+    output included; a tampered adapter config is refused."""
+    import json
+
+    full = pools(WORLD).run(_peft_checkpoint, str(tmp_path / "ckpt"))[0]
+    step = mics_hf.latest_checkpoint(tmp_path / "ckpt")
+    mics_hf.export_checkpoint(step, tmp_path / "out")
+    ref = _lora_gpt2()
+    ref.load_state_dict(full)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(GPT2LMHeadModel.from_pretrained(tmp_path / "out")(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+    (step / "adapter_config.json").write_text(json.dumps({"adapter_name": "default", "base_class": "GPT2LMHeadModel", "config": {"peft_type": "NOPE"}}))
+    with pytest.raises(mics_hf.CheckpointError, match="does not describe a PEFT adapter"):
+        mics_hf.export_checkpoint(step, tmp_path / "out2")

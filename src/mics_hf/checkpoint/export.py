@@ -27,6 +27,7 @@ from ..engine.topology import world_and_rank
 from .files import check_name, fsync_dir, fsync_tree, open_inside, parse_json, read_small
 from .format import LATEST, METADATA, CheckpointError, _all_ok, dtype_of, is_complete, read_metadata
 from .hf_save import is_peft_model
+from .save import ADAPTER_CONFIG
 from .load import _row_layout, _ShardReader
 from .state_dict import full_state_dict
 
@@ -170,18 +171,21 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: 
 
 
 def _merged(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """An unsharded copy of a PEFT model with its full weights, adapters merged by PEFT itself (rank 0, CPU).
+    """An unsharded copy of a live PEFT model with its gathered weights, adapters merged (rank 0, CPU)."""
+    base = model.get_base_model()
+    name = next(iter(model.peft_config))
+    return _merge(type(base), base.config, model.peft_config[name], name, weights)
 
-    The copy is built on the meta device and takes the gathered tensors as they are (no second copy); tied
-    weights stay tied because the gathered state holds one tensor under each of their names."""
+
+def _merge(base_cls: type, config: Any, peft_config: Any, name: str, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """PEFT's own merge_and_unload on a copy built on the meta device that takes the full tensors as they are
+    (no second copy); tied weights stay tied because the state holds one tensor under each of their names."""
     from accelerate import init_empty_weights
     from peft import get_peft_model
 
-    base = model.get_base_model()
     with init_empty_weights(include_buffers=False):
-        fresh = type(base)._from_config(base.config) if hasattr(type(base), "_from_config") else type(base)(base.config)
-    name = next(iter(model.peft_config))
-    copy = get_peft_model(fresh, model.peft_config[name], adapter_name=name)
+        fresh = base_cls._from_config(config) if hasattr(base_cls, "_from_config") else base_cls(config)
+    copy = get_peft_model(fresh, peft_config, adapter_name=name)
     missing, unexpected = copy.load_state_dict(weights, strict=False, assign=True)
     missing = [k for k in missing if any(p.is_meta for n, p in copy.named_parameters() if n == k)]
     if missing or unexpected:
@@ -214,7 +218,7 @@ def consolidate_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
     return out, meta
 
 
-def _config_and_class(ckpt: Path, meta: dict[str, Any]) -> tuple[Any, type]:
+def _config_and_class(ckpt: Path, meta: dict[str, Any], base_class: str | None = None) -> tuple[Any, type]:
     """The checkpoint's config.json (read as untrusted JSON) and the transformers model class it names."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -232,7 +236,7 @@ def _config_and_class(ckpt: Path, meta: dict[str, Any]) -> tuple[Any, type]:
     # The class that was trained first: a model fine-tuned with a new head keeps the `architectures` of the
     # checkpoint it started from (e.g. BertForMaskedLM under a BertForSequenceClassification); config.json's
     # `architectures` only when the recorded class is not a transformers class (e.g. a PEFT wrapper).
-    recorded = meta.get("model_class")
+    recorded = base_class or meta.get("model_class")  # a PEFT model: the class it wraps
     known = isinstance(recorded, str) and isinstance(getattr(transformers, recorded, None), type)
     cls_name = recorded if known else (getattr(config, "architectures", None) or [recorded])[0]
     model_cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
@@ -253,8 +257,13 @@ def export_checkpoint(
     ckpt = Path(meta["_path"])
     out = Path(os.path.realpath(out_dir))  # the user's own path: publish into what a link there points to
     into_existing = _check_out_dir(out, overwrite=overwrite, reading=[ckpt])
-    config, model_cls = _config_and_class(ckpt, meta)
+    adapter = _adapter_config(ckpt) if os.path.lexists(ckpt / ADAPTER_CONFIG) else None
+    config, model_cls = _config_and_class(ckpt, meta, adapter[2] if adapter else None)
     state, _ = consolidate_checkpoint(ckpt)
+    if adapter is not None:
+        merged = _merge(model_cls, config, adapter[0], adapter[1], state)  # a PEFT model: one merged model
+        _write_export(out, into_existing, lambda tmp: _write_with_tokenizer(merged, {}, tmp, ckpt, tokenizer))
+        return Path(out_dir)
     with torch.device("meta"):
         model = model_cls(config)
     expected = model.state_dict()
@@ -269,15 +278,31 @@ def export_checkpoint(
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise CheckpointError(f"tokenizer directory {tokenizer} does not exist; pass the directory saved by save_pretrained")
 
-    def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        if tokenizer is not None:
-            _copy_user_tokenizer(Path(tokenizer), tmp)
-        elif os.path.lexists(ckpt / "tokenizer"):
-            _copy_checkpoint_tokenizer(ckpt, tmp)
-
-    _write_export(out, into_existing, write)
+    _write_export(out, into_existing, lambda tmp: _write_with_tokenizer(model, state, tmp, ckpt, tokenizer))
     return Path(out_dir)
+
+
+def _write_with_tokenizer(model: nn.Module, state: dict[str, torch.Tensor], tmp: Path, ckpt: Path, tokenizer: Any) -> None:
+    model.save_pretrained(str(tmp), state_dict=state or None, safe_serialization=True)
+    if tokenizer is not None:
+        _copy_user_tokenizer(Path(tokenizer), tmp)
+    elif os.path.lexists(ckpt / "tokenizer"):
+        _copy_checkpoint_tokenizer(ckpt, tmp)
+
+
+def _adapter_config(ckpt: Path) -> tuple[Any, str, str]:
+    """The PEFT config a checkpoint recorded (untrusted JSON: bounded, and built only through peft's own
+    config classes, which accept known fields only)."""
+    from peft import get_peft_config
+
+    values = parse_json(read_small(ckpt, ADAPTER_CONFIG, ADAPTER_CONFIG, 1 << 20), ADAPTER_CONFIG, ckpt / ADAPTER_CONFIG)
+    if not isinstance(values, dict) or not isinstance(values.get("config"), dict) or not all(
+            isinstance(values.get(k), str) for k in ("adapter_name", "base_class")):
+        raise CheckpointError(f"{ckpt / ADAPTER_CONFIG} is not an adapter config written by mics_hf; the checkpoint was tampered with")
+    try:
+        return get_peft_config(values["config"]), values["adapter_name"], values["base_class"]
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt / ADAPTER_CONFIG} does not describe a PEFT adapter ({str(exc)[:200]}); the checkpoint was tampered with") from None
 
 
 def _skip(name: str, dst: Path) -> bool:

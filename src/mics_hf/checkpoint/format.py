@@ -17,6 +17,7 @@ Layout of one checkpoint directory (`<root>/step_00000100/`):
                              by one rank of position 3's replication group (writers spread over the groups)
   rng-rank0003.safetensors   that rank's RNG states (for an exact resume at the same world size)
   config.json, tokenizer/    the Hugging Face config and tokenizer, when given (for `mics-hf export`)
+  adapter_config.json        a PEFT model's adapter config (`mics-hf export` merges the adapter)
 `<root>/latest` names the newest complete checkpoint; `<root>/.lock` serialises savers into one root.
 
 [Note: atomic save] Files are written into `<root>/.tmp-step_N/` and fsynced; only when every rank has

@@ -268,6 +268,9 @@ def _optimizer_metadata(optimizer, params, opt_groups) -> dict[str, Any]:
     return {"class": type(optimizer).__name__, "param_groups": groups, "sharded_keys": sharded_keys, "scalars": scalars}
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
 def _write_extras(tmp: Path, model: nn.Module, tokenizer: Any, meta: Mapping[str, Any]) -> None:
     """Rank 0: config.json and tokenizer beside the shards, then the metadata; everything fsynced."""
     config = getattr(model, "config", None)
@@ -275,6 +278,12 @@ def _write_extras(tmp: Path, model: nn.Module, tokenizer: Any, meta: Mapping[str
         (tmp / "config.json").write_text(config.to_json_string())
     if tokenizer is not None:  # lets `mics-hf export` produce a complete model directory
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    adapters = getattr(model, "peft_config", None)
+    if isinstance(adapters, dict) and adapters:  # a PEFT model: `mics-hf export` merges its adapter
+        name = next(iter(adapters))
+        base = model.get_base_model() if hasattr(model, "get_base_model") else None
+        values = {"adapter_name": name, "base_class": type(base).__name__, "config": adapters[name].to_dict()}
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(values, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
     write_file_atomic(tmp / METADATA, json.dumps(meta, indent=1, sort_keys=True).encode())
     fsync_tree(tmp)
 
