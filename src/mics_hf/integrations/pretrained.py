@@ -202,7 +202,8 @@ def _not_loaded_yet(module: nn.Module, args: Any) -> None:
     raise RuntimeError(
         f"{type(module).__name__} was loaded under --mics and its weights are read from {pending_checkpoint(module)} "
         "when it is sharded; pass it to the MiCSTrainer / accelerator.prepare() before running it, or call "
-        "mics_hf.integrations.pretrained.shard_pretrained(model, config)"
+        "mics_hf.shard_pretrained(model, config). A model that should stay unsharded (a frozen reference or "
+        "teacher): load it before the arguments are parsed or after the MiCSTrainer is built"
     )
 
 
