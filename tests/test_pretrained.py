@@ -241,3 +241,27 @@ def _peft_on_deferred_base(rank, world, path, p):
 def test_lora_on_a_base_read_into_shards_matches_ddp(pools, checkpoints, p):
     for err, moved, base_ok in pools(WORLD).run(_peft_on_deferred_base, str(checkpoints["gpt2"]), p):
         assert base_ok and err < 1e-10 and moved > 0  # B starts at zero (PEFT's init) and one step moves it
+
+
+def test_a_hub_cache_snapshot_loads_through_its_links(checkpoints, tmp_path):
+    """A model name resolves to the Hub cache's snapshot, whose files are symbolic links to content-addressed
+    blobs (the layout huggingface_hub writes); offline, nothing is downloaded."""
+    import hashlib
+    import os
+
+    repo = tmp_path / "hub" / "models--local--tiny-gpt2"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in checkpoints["gpt2"].iterdir():
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+    model = mics_hf.from_pretrained(GPT2LMHeadModel, "local/tiny-gpt2", cache_dir=str(tmp_path / "hub"), local_files_only=True)
+    saved = load_file(checkpoints["gpt2"] / "model.safetensors")
+    full = mics_hf.full_state_dict(model)
+    assert all(torch.equal(full[k], v) for k, v in saved.items())
