@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def main() -> None:
         with safe_open(str(Path(opts.dir) / name), "pt") as f:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
-                largest_tensor = max(largest_tensor, 4 * int(torch_numel(shape)))
+                largest_tensor = max(largest_tensor, 4 * math.prod(shape))
     block = model_bytes // (opts.n_layer + 1)  # a transformer block, roughly (the root holds the embeddings)
     results = {}
     errors = []
@@ -157,13 +158,6 @@ def main() -> None:
             payload={"model_bytes": model_bytes, "p": opts.p, "nproc": opts.nproc, "results": results, "expected_bytes": expected},
         )
         print(f"recorded {path}")
-
-
-def torch_numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 if __name__ == "__main__":

@@ -200,16 +200,6 @@ def _params_by_fqn(model: nn.Module) -> dict[str, ShardedParam]:
     return {sp.fqn: sp for _, g in state.units for sp in g.params}
 
 
-def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The buffers that belong in a state dict (torch's `persistent=False` ones, like position_ids, do not)."""
-    out = {}
-    for prefix, module in model.named_modules():
-        for name, buf in module._buffers.items():
-            if buf is not None and name not in module._non_persistent_buffers_set:
-                out[f"{prefix}.{name}" if prefix else name] = buf
-    return out
-
-
 def _aliases(model: nn.Module, params: Mapping[str, ShardedParam]) -> dict[str, list[str]]:
     by_id = {id(sp.sharded): fqn for fqn, sp in params.items()}
     out: dict[str, list[str]] = {fqn: [] for fqn in params}

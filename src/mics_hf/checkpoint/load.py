@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..engine.hooks import TrainingState
-from ..engine.shard import get_state
+from ..engine.shard import get_state, persistent_buffers
 from ..engine.topology import world_and_rank
 from ..engine.unit import ShardedParam
 from .files import SafetensorsFile
@@ -36,7 +36,6 @@ from .format import (
     _all_ok,
     _optimizer_index,
     _params_by_fqn,
-    _persistent_buffers,
     dtype_of,
     metadata_checksum,
     read_metadata,
@@ -182,7 +181,7 @@ def _read_and_validate(path, model, optimizer, scheduler, scaler, verify: bool, 
     meta = read_metadata(path)
     ckpt = Path(meta["_path"])
     params = _params_by_fqn(model)
-    buffers = _persistent_buffers(model)
+    buffers = persistent_buffers(model)
     _check_same_model(meta, params, buffers, model, ckpt)
     opt_groups = _check_optimizer(meta, optimizer, params, ckpt) if optimizer is not None else None
     plan = _LoadPlan(meta=meta, checksum=metadata_checksum(meta))
@@ -215,7 +214,7 @@ def _apply(plan: _LoadPlan, model: nn.Module, optimizer, scheduler, scaler) -> N
     with torch.no_grad():
         for fqn, sp in params.items():
             sp.sharded.copy_(plan.values[fqn])
-        for name, buf in _persistent_buffers(model).items():
+        for name, buf in persistent_buffers(model).items():
             buf.copy_(plan.buffers[name])
     if optimizer is not None and plan.optimizer is not None:
         optimizer.load_state_dict(plan.optimizer)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..engine.hooks import TrainingState
-from ..engine.shard import get_state
+from ..engine.shard import get_state, persistent_buffers
 from ..engine.topology import world_and_rank
 from .files import crc32_file, fsync_dir, fsync_file, fsync_tree, remove_path, root_lock, write_file_atomic
 from .format import (
@@ -35,7 +35,6 @@ from .format import (
     _jsonable,
     _optimizer_index,
     _params_by_fqn,
-    _persistent_buffers,
     is_complete,
     metadata_checksum,
     rng_file_name,
@@ -193,7 +192,7 @@ def _write_rank_files(tmp: Path, model, optimizer, params, topo, rank: int) -> l
                     if _is_sharded_state(value, sp.sharded):
                         tensors[f"optim/{fqn}/{key}"] = value.detach().contiguous().cpu()
         if position == 0:  # buffers are replicated: position 0's writer stores them once
-            for name, buf in _persistent_buffers(model).items():
+            for name, buf in persistent_buffers(model).items():
                 tensors[f"buffer/{name}"] = buf.detach().contiguous().cpu()
         out.append(_save(tmp / shard_file_name(position), tensors, {"kind": "shard", "position": position, "rows": rows}))
     out.append(_save(tmp / rng_file_name(rank), _capture_rng(), {"kind": "rng", "rank": rank}))
@@ -238,7 +237,7 @@ def _metadata(model, optimizer, params, opt_groups, topo, step, scheduler_state,
             fqn: {"shape": list(sp.global_shape), "dtype": _dtype_name(sp.sharded.dtype), "aliases": aliases[fqn]}
             for fqn, sp in params.items()
         },
-        "buffers": {name: {"shape": list(b.shape), "dtype": _dtype_name(b.dtype)} for name, b in _persistent_buffers(model).items()},
+        "buffers": {name: {"shape": list(b.shape), "dtype": _dtype_name(b.dtype)} for name, b in persistent_buffers(model).items()},
         "files": sorted(files, key=lambda f: (f["kind"], f.get("position", f.get("rank")))),
         "scheduler": scheduler_state,
         "scaler": scaler_state,

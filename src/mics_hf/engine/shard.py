@@ -35,7 +35,7 @@ from .topology import (
 from .buffers import BufferPool, GatheredUnits
 from .unit import CommStreams, ShardedParam, ShardedUnit, TagChecks, UnitGroups
 
-__all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state", "WeightSource", "register_model_method", "original_method"]
+__all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state", "WeightSource", "register_model_method", "original_method", "persistent_buffers"]
 
 _STATE_ATTR = "_mics_state"
 
@@ -374,19 +374,25 @@ def _materialise_unit(
     return fresh
 
 
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers that belong in a state dict (torch's `persistent=False` ones, like position_ids, do not)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
 def _load_buffers(model: nn.Module, weights: WeightSource | None, device: torch.device) -> None:
     """Move the model's buffers to `device` and, from a weight source, read the persistent ones it holds."""
-    non_persistent = {
-        (f"{mod_name}.{b}" if mod_name else b)
-        for mod_name, m in model.named_modules()
-        for b in getattr(m, "_non_persistent_buffers_set", ())
-    }
+    persistent = persistent_buffers(model)
     for mod_name, module in model.named_modules():
         for name, buf in list(module._buffers.items()):
             if buf is None:
                 continue
             fqn = f"{mod_name}.{name}" if mod_name else name
-            saved = weights.buffer([fqn], buf) if weights is not None and fqn not in non_persistent else None
+            saved = weights.buffer([fqn], buf) if weights is not None and fqn in persistent else None
             if saved is not None:
                 module._buffers[name] = saved.to(device=device, dtype=buf.dtype)
             elif buf.is_meta:

@@ -25,7 +25,7 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 
 from ..checkpoint.pretrained import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, PretrainedWeights
 from ..config import MiCSConfig
-from ..engine.shard import shard_model
+from ..engine.shard import persistent_buffers, shard_model
 
 __all__ = ["from_pretrained", "shard_pretrained", "defer_from_pretrained", "start_deferring", "stop_deferring", "pending_checkpoint"]
 
@@ -129,11 +129,7 @@ def _names(model: nn.Module) -> tuple[dict[int, list[str]], list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.is_meta:
             params.setdefault(id(p), []).append(name)
-    non_persistent = {
-        f"{m_name}.{b}" if m_name else b for m_name, m in model.named_modules() for b in getattr(m, "_non_persistent_buffers_set", ())
-    }
-    buffers = [n for n, _ in model.named_buffers() if n not in non_persistent]
-    return params, buffers
+    return params, list(persistent_buffers(model))
 
 
 def pending_checkpoint(model: nn.Module) -> Path | None:
