@@ -246,13 +246,14 @@ class MiCSState:
         known = self._shard_ids
         if known is None:
             known = self._shard_ids = {id(sp.sharded) for _, u in self.units for sp in u.params}
-        for name, p in self.root.named_parameters():
-            if id(p) not in known:
-                raise ValueError(
-                    f"parameter {name!r} was added to the model after it was sharded, so no unit owns it and its "
-                    "gradients would never be averaged across ranks; add adapters and heads before sharding (e.g. "
-                    "get_peft_model on the model from mics_hf.defer_from_pretrained / before shard_model or prepare())"
-                )
+        new = next((p for p in self.root.parameters() if id(p) not in known), None)  # every forward: no names built
+        if new is not None:
+            name = next(n for n, p in self.root.named_parameters() if p is new)
+            raise ValueError(
+                f"parameter {name!r} was added to the model after it was sharded, so no unit owns it and its "
+                "gradients would never be averaged across ranks; add adapters and heads before sharding (e.g. "
+                "get_peft_model on the model from mics_hf.defer_from_pretrained / before shard_model or prepare())"
+            )
 
     def _end_forward(self) -> None:
         if self._recording:

@@ -33,7 +33,7 @@ from .topology import (
     world_and_rank,
 )
 from .buffers import BufferPool, GatheredUnits
-from .unit import CommStreams, ShardedParam, ShardedUnit, TagChecks, UnitGroups
+from .unit import CommStreams, ShardedParam, ShardedUnit, TagChecks, UnitGroups, shard_rows
 
 __all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state", "WeightSource", "register_model_method", "original_method", "persistent_buffers"]
 
@@ -479,10 +479,8 @@ def shard_model(
     def rows_of(fqn: str, param: nn.Parameter) -> torch.Tensor | None:
         if weights is None:
             return None
-        dims = tuple(param.shape) or (1,)
-        rows = -(-dims[0] // p_size)
-        start = min(position * rows, dims[0])
-        return weights.rows(names_of.get(id(param), [fqn]), tuple(param.shape), start, min(start + rows, dims[0]))
+        start, stop = shard_rows((tuple(param.shape) or (1,))[0], p_size, position)
+        return weights.rows(names_of.get(id(param), [fqn]), tuple(param.shape), start, stop)
 
     streams = CommStreams(device) if device.type == "cuda" else None  # see [Note: stream ordering]
     pool = BufferPool(device)  # one per model: units with the same layout share buffers ([Note: buffer reuse])

@@ -88,6 +88,13 @@ class UnitGroups:
         return self.reduce_partition, self.reduce_intra_node, self.reduce_inter_node
 
 
+def shard_rows(dim0: int, p: int, position: int) -> tuple[int, int]:
+    """The rows [start, stop) of a dim-0 size `dim0` that position `position` of p holds ([Note: sharding layout])."""
+    rows = -(-dim0 // p)
+    start = min(position * rows, dim0)
+    return start, min(start + rows, dim0)
+
+
 class ShardedParam:
     """A parameter of a unit: its fp32 shard, its persistent unsharded parameter and its place in the buffers."""
 
@@ -107,9 +114,7 @@ class ShardedParam:
         self.row_numel = math.prod(self.dims[1:])
         self.rows = -(-self.dim0 // p)  # ceil
         self.padded_len = self.rows * self.row_numel  # elements of one block in the flat segment
-        start = min(position * self.rows, self.dim0)
-        stop = min(start + self.rows, self.dim0)
-        self.offsets = (start, stop)
+        start, stop = self.offsets = shard_rows(self.dim0, p, position)
         device = device if device is not None else param.device
         if local is None:
             local = param.detach().reshape(self.dims)[start:stop]
