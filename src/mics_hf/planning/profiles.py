@@ -14,19 +14,39 @@ all-gathers the parameters not yet present, one collective per tensor over the w
 (``partition_parameters.py``, ``_allgather_params_coalesced``: one ``_all_gather_base`` per parameter), then
 ``_synchronize_communication`` waits for them and calls ``comm_stream.synchronize()`` and
 ``torch.cuda.synchronize()``: the host waits for every stream, so reductions launched earlier must finish too.
-Then ``prefetch_next_sub_modules`` gathers the next parameters of the recorded trace (up to
+As written, ``prefetch_next_sub_modules`` would then gather the next parameters of the recorded trace (up to
 ``stage3_prefetch_bucket_size`` elements) only ``if not self.in_flight_handles``, one ``_allgather_param`` per
-tensor, and each of those begins with ``torch.cuda.synchronize()``: all but the last prefetched tensor are
-gathered while nothing computes, the last one overlaps the current sub-module's compute. Tensors under
-``stage3_param_persistence_threshold`` are never released (``persistent_parameters``). After a sub-module's
-forward, ``release_sub_module`` frees a tensor unless the trace reuses its sub-module within
-``stage3_max_reuse_distance`` elements (``_keep_for_later``): under activation checkpointing a large layer's first
-matrices are freed between their recomputed forward and their backward, and gathered a third time. Gradients
+tensor, each beginning with ``torch.cuda.synchronize()``; and after a sub-module's forward ``release_sub_module``
+would keep a tensor whose sub-module the trace reuses within ``stage3_max_reuse_distance`` elements
+(``_keep_for_later``). Neither runs in v0.5.6: both look the sub-module up in the trace at a step counter that is
+one behind ([Note: v0.5.6's step counter is one behind its trace]). What remains is still an overlap of one: the
+host reaches the next sub-module's fetch while the current one computes, so that gather runs beside the compute
+until the fetch's device-wide sync. Tensors under ``stage3_param_persistence_threshold`` are not released by
+sub-modules (``persistent_parameters``). Gradients
 (``reduce_independent_p_g_buckets_and_remove_grads``) fill a ``reduce_bucket_size`` bucket; when it overflows,
 ``reduce_ipg_grads`` waits on ``reduction_stream.synchronize()`` and reduce-scatters the bucket one tensor at a
 time through ``torch.distributed.reduce_scatter`` with a list of N views (``_reduce_scatter_gradient``), which
 ProcessGroupNCCL of that time flattens with one copy per rank (``flatten_for_scatter_gather``; N copy launches
 on the host per call).
+
+[Note: v0.5.6's step counter is one behind its trace]
+``setup_zero_stage3_hooks`` registers the per-module hooks first (``_register_hooks_recursively``, which gives the
+top module its ``_pre_forward_module_hook``) and the top module's ``_pre_forward_hook`` (``reset_step``) after
+them. PyTorch runs forward pre-hooks in registration order, so at every forward the top module's hook records
+itself and advances ``step_id`` to 1, then ``reset_step`` sets it back to 0: each later sub-module is visited at
+a ``step_id`` one less than its index in the recorded trace. ``get_params_to_prefetch`` and
+``get_reuse_distance_in_numel`` both begin with ``if sub_module.id != trace[step_id]`` ("Tracing failed"): the
+first returns no parameters (nothing is ever prefetched), the second a distance of 1e12 (nothing is ever kept for
+later). So in v0.5.6 every sub-module gathers its own parameters when it runs, blocking, in the forward, the
+recomputed forward and the backward. PR 1453 (commit 4912e0a) deleted ``_pre_forward_hook``; its author had
+diagnosed the off-by-one on a Hugging Face RoBERTa in DeepSpeed issue 1069 (2021-05-27).
+
+[Note: persistent parameters are gathered again at every optimizer step]
+Both versions release every gathered parameter after the backward, persistent ones included (v0.5.6
+``_partition_all_parameters`` -> ``release_and_reset_parameter``; v0.6.0 ``release_and_reset_all``: neither checks
+``ds_persist``), and ``_post_step`` gathers the persistent ones back through ``_allgather_params_coalesced``: one
+``_all_gather_base`` per tensor over all ranks, then ``torch.cuda.synchronize()``. For a transformer that is about
+ten latency-bound collectives per layer (biases, LayerNorm weights) once per optimizer step.
 
 [Note: which network a prediction uses]
 The ``mics_hf`` profile keeps the default model's network (one ``INTER_NODE_EFFICIENCY``, 14 us per ring step),
@@ -71,6 +91,8 @@ class ImplementationProfile:
     reduce_per_tensor: bool = True  # one reduce-scatter per tensor (else one per bucket)
     list_api_copies: bool = True  # N copy launches per reduce-scatter on the host
     wait_reductions_per_bucket: bool = True  # reduction_stream.synchronize() before each bucket
+    step_id_off_by_one: bool = True  # v0.5.6: trace lookups fail, so no prefetch and no keep-for-later
+    regather_persistent: bool = True  # persistent tensors released after backward, gathered per tensor at step
     launch_s: float = 6.5e-6  # host seconds per copy launch
     host_fetch_s: float = 0.0  # host seconds per sub-module fetch not hidden behind the device
     wire_bytes: int = 2
@@ -81,7 +103,7 @@ class ImplementationProfile:
 # measurement that isolates it, DeepSpeed PR 1188 (one p4d node, NVLink only, a 5.1B BERT): ZeRO-3 forward
 # 270 ms against ZeRO-2's 60 ms. ``validation.calibrate_host_fetch`` re-derives it (tested); that
 # measurement is therefore a calibration, not a validation, and is recorded as such.
-HOST_FETCH_S_056 = 0.432e-3
+HOST_FETCH_S_056 = 0.408e-3
 
 _DS056 = ImplementationProfile(
     name="deepspeed-0.5.6",
@@ -94,7 +116,7 @@ _IMPROVED = dataclasses.replace(
     summary="DeepSpeed after PR 1453 (v0.6.0): one coalesced all-gather per sub-module, a fetch queue "
             "prefetching ahead, event waits instead of device syncs, one _reduce_scatter_base per bucket",
     gather_per_tensor=False, device_sync_per_fetch=False, sync_before_each_prefetch=False,
-    prefetch_only_when_idle=False, reduce_per_tensor=False, list_api_copies=False, wait_reductions_per_bucket=False,
+    prefetch_only_when_idle=False, step_id_off_by_one=False, reduce_per_tensor=False, list_api_copies=False, wait_reductions_per_bucket=False,
     host_fetch_s=0.0,
 )
 _MICS_HF = ImplementationProfile(
@@ -118,6 +140,15 @@ PROFILE_SOURCES: Mapping[str, Mapping[str, str]] = types.MappingProxyType({
         "sync_before_each_prefetch": f"{_V056} partition_parameters.py _allgather_param: torch.cuda.synchronize() "
                                      "before launching each tensor's gather",
         "prefetch_only_when_idle": f"{_V056} stage3.py prefetch_next_sub_modules: `if not self.in_flight_handles`",
+        "step_id_off_by_one": f"{_V056} stage3.py setup_zero_stage3_hooks: _register_hooks_recursively(self.module) "
+                              "before self.module.register_forward_pre_hook(_pre_forward_hook); "
+                              "PrefetchCoordinator.get_params_to_prefetch / get_reuse_distance_in_numel: "
+                              "`if sub_module.id != self.sub_module_trace[self.step_id]` (see [Note: v0.5.6's step "
+                              "counter is one behind its trace]); DeepSpeed issue 1069",
+        "regather_persistent": f"{_V056} stage3.py backward -> _partition_all_parameters -> "
+                               "release_and_reset_parameter (no ds_persist check); _post_step: "
+                               "persistent_parameters[0].all_gather(...) -> partition_parameters.py "
+                               "_allgather_params_coalesced (one _all_gather_base per tensor)",
         "prefetch_numel": f"{_V056} zero/constants.py ZERO_OPTIMIZATION_PREFETCH_BUCKET_SIZE_DEFAULT = 50000000",
         "max_live_numel": f"{_V056} zero/constants.py ZERO_OPTIMIZATION_MAX_LIVE_PARAMETERS_DEFAULT = 1000000000",
         "persistence_threshold": f"{_V056} zero/constants.py ZERO_OPTIMIZATION_PARAM_PERSISTENCE_THRESHOLD_DEFAULT "
@@ -149,6 +180,11 @@ PROFILE_SOURCES: Mapping[str, Mapping[str, str]] = types.MappingProxyType({
         "reduce_per_tensor": f"{_V060} stage3.py __reduce_and_partition_ipg_grads -> "
                              "comm/coalesced_collectives.py reduce_scatter_coalesced: one _reduce_scatter_base "
                              "per bucket",
+        "step_id_off_by_one": f"{_V060} stage3.py setup_zero_stage3_hooks: _pre_forward_hook deleted; the step "
+                              "counter is reset at the end of the forward in inference and at the optimizer step",
+        "regather_persistent": f"{_V060} stage3.py release_and_reset_all (no ds_persist check); _post_step: "
+                               "persistent_parameters[0].all_gather(...) -> _allgather_params_coalesced, one "
+                               "_all_gather_base per tensor",
         "host_fetch_s": "0: the host waits on events, not on the device, so its work hides behind queued kernels",
         "other fields": "defaults unchanged from v0.5.6 (zero/constants.py at v0.6.0)",
     }),
@@ -249,7 +285,8 @@ def _keep_after(visits: list[Visit], numels: list[int], max_reuse: int) -> list[
 # ---- the simulation -------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class SimulatedStep:
-    """One simulated micro-step. Times in seconds; ``*_busy_s`` sum the durations of the collectives."""
+    """One simulated micro-step followed by the optimizer step's own collectives (``persistent_regather_s``,
+    included in ``step_s``). Times in seconds; ``*_busy_s`` sum the durations of the micro-step's collectives."""
 
     step_s: float
     forward_s: float
@@ -260,6 +297,7 @@ class SimulatedStep:
     num_gathers: int
     num_reduces: int
     host_s: float
+    persistent_regather_s: float = 0.0  # once per optimizer step, included in step_s
 
 
 def simulate_step(profile: ImplementationProfile, numels: list[int], visits: list[Visit], *,
@@ -273,7 +311,9 @@ def simulate_step(profile: ImplementationProfile, numels: list[int], visits: lis
     """
     p = profile
     gathered = [n >= p.persistence_threshold for n in numels]
-    keep = _keep_after(visits, numels, p.max_reuse_distance)
+    # v0.5.6's trace lookups all fail ([Note: v0.5.6's step counter is one behind its trace]): nothing is kept
+    # for later and nothing prefetched (the top module's own prefetch at step 0 is left out: one lookup per step)
+    keep = [False] * len(visits) if p.step_id_off_by_one else _keep_after(visits, numels, p.max_reuse_distance)
     host = comp = net = 0.0
     ready: dict[int, float] = {}  # tensor -> time its gather completes (present or in flight)
     in_flight: set[int] = set()
@@ -334,7 +374,8 @@ def simulate_step(profile: ImplementationProfile, numels: list[int], visits: lis
         host += p.host_fetch_s
         host_total += p.host_fetch_s
         # prefetch the next tensors of the trace that are neither present nor in flight
-        if (not in_flight or not p.prefetch_only_when_idle) and live < p.max_live_numel:
+        if (not p.step_id_off_by_one and (not in_flight or not p.prefetch_only_when_idle)
+                and live < p.max_live_numel):
             chosen, numel, seen = [], 0, set(mine)
             for w in visits[i + 1:]:
                 for t in w.tensors:
@@ -367,10 +408,13 @@ def simulate_step(profile: ImplementationProfile, numels: list[int], visits: lis
                 bucket_numel += numels[t]
     host = flush(host)
     step = max(host, comp, net)
+    # the optimizer step's gather of the persistent tensors, one blocking collective each
+    regather = sum(gather_s(n) for n in numels if n < p.persistence_threshold) if p.regather_persistent else 0.0
+    step += regather
     return SimulatedStep(step_s=step, forward_s=forward_end, compute_s=sum(v.compute_s for v in visits),
                          gather_busy_s=busy_g, forward_gather_busy_s=forward_busy, reduce_busy_s=busy_r,
                          num_gathers=n_g, num_reduces=n_r,
-                         host_s=host_total)
+                         host_s=host_total, persistent_regather_s=regather)
 
 
 def collective_functions(*, ranks: int, gpus_per_node: int, instance: str, nic_bytes_per_s: float,
