@@ -374,7 +374,7 @@ def test_pr1453_after_roberta_50b():
 
 # ---- the paper's ZeRO-3 claims, predicted with the deepspeed-0.5.6 profile (15%) -----------------------------
 # Same per-GPU batch as MiCS's rows (micro-batch 2, gpt-100b, p4d). Which measurement would settle the misses:
-# benchmarks/costmodel_2026-12-06.md.
+# benchmarks/costmodel_2026-12-06_2.md.
 def _weak_100b_ds056():
     return weak_scaling("gpt-100b", P4D, [16, 64], "zero3", micro_batch=2, profile="deepspeed-0.5.6")
 

@@ -52,7 +52,8 @@ ten latency-bound collectives per layer (biases, LayerNorm weights) once per opt
 The ``mics_hf`` profile keeps the default model's network (one ``INTER_NODE_EFFICIENCY``, 14 us per ring step),
 so MiCS, HSDP and the per-unit ZeRO-3 predictions are unchanged. The DeepSpeed profiles use
 ``mics_hf.planning.network``: EFA bandwidth by ring size and NCCL 2.11's step latency, the stack those runs had.
-benchmarks/costmodel_2026-12-06.md reports MiCS under that network too.
+benchmarks/costmodel_2026-12-06.md reports MiCS under that network too (section 3; the profiles' current
+numbers are in costmodel_2026-12-06_2.md).
 """
 
 from __future__ import annotations
