@@ -246,6 +246,9 @@ def test_cli_plan_with_deepspeed_baseline_prints_both_profiles(capsys):
     assert "| ZeRO-3 | mics_hf | 512 | flat |" in out
     assert "| ZeRO-3 | deepspeed-0.5.6 | 512 | flat |" in out
     assert "MiCS / ZeRO-3 throughput:" in out and "MiCS / ZeRO-3 (deepspeed-0.5.6) throughput: 3.25x" in out
+    # the ratio comes with how far the profile was from v0.5.6's own measured throughput
+    assert "deepspeed-0.5.6 against DeepSpeed PR 1453's measurements" in out
+    assert "RoBERTa-10B +54.7%; RoBERTa-50B +26.4%" in out
 
 
 @pytest.mark.parametrize("argv, message", [

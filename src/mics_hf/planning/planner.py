@@ -15,6 +15,7 @@ from typing import Literal, Mapping, Sequence
 from .costmodel import GIB, Cluster, MemoryEstimate, Prediction, Strategy, _get_cluster, _require_int, predict
 from .presets import ModelPreset
 from .profiles import PROFILES, get_profile
+from .validation import profile_errors
 
 __all__ = ["PlanResult", "WeakScaling", "format_plan", "plan", "weak_scaling"]
 
@@ -158,4 +159,9 @@ def format_plan(result: PlanResult) -> str:
         base = result.predictions[f"zero3:{result.baseline}"]
         lines.append(f"MiCS / ZeRO-3 ({result.baseline}) throughput: {mics.samples_per_s / base.samples_per_s:.2f}x "
                      f"(simulated per tensor on the EFA model, see mics_hf.planning.profiles)")
+        # how far this profile was from its implementation on real hardware, so the ratio is read with its error
+        checks = "; ".join(f"{point.label.split(',')[0]} {error:+.1%}" for point, error in
+                           profile_errors(result.baseline))
+        lines.append(f"  {result.baseline} against DeepSpeed PR 1453's measurements on 64 A100 (TFLOPS/GPU, "
+                     f"+ = predicted faster than measured): {checks}; see benchmarks/costmodel_2026-12-06_2.md")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from .presets import ModelPreset, get_preset
 from .profiles import PROFILES, HOST_FETCH_S_056, build_trace, collective_functions, simulate_step
 
 __all__ = ["PR1188", "PR1453", "ROBERTA_50B", "BERT_5B", "ValidationPoint", "pr1188_times", "calibrate_host_fetch",
-           "pr1453_predictions"]
+           "pr1453_predictions", "profile_errors"]
 
 ROBERTA_50B = ModelPreset(name="roberta-50b", family="bert", hidden=5120, layers=165, heads=40, ffn=20480,
                           vocab=50265, seq=512, micro_batch=16,
@@ -73,6 +73,13 @@ def pr1453_predictions() -> list[tuple[ValidationPoint, Prediction, float]]:
                     profile=point.profile)
         out.append((point, x, x.tflops_per_gpu * 6 / 8))
     return out
+
+
+def profile_errors(profile: str) -> list[tuple[ValidationPoint, float]]:
+    """(point, predicted / measured - 1) for PR 1453's measurements of ``profile``'s implementation: how far the
+    profile was from that implementation on real hardware, for a report to state beside its prediction."""
+    return [(point, tflops / point.measured - 1) for point, _, tflops in pr1453_predictions()
+            if point.profile == profile]
 
 
 def pr1188_times(host_fetch_s: float = HOST_FETCH_S_056) -> tuple[float, float]:
