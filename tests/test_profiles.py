@@ -110,7 +110,7 @@ def test_v056_gathers_every_use_and_prefetches_nothing():
     assert simulate_step(working, [10**6] * 2, visits, **run).num_gathers == 2
 
 
-def test_persistent_tensors_are_gathered_again_at_the_optimizer_step():
+def test_persistent_tensors_are_gathered_again_at_every_step():
     # a 1e6-element weight and two 10-element (persistent) tensors: one blocking gather each after the step
     visits = [Visit("a", (0, 1, 2), 1.0, True)]
     gather = {10**6: 2.0, 10: 0.25}
@@ -118,17 +118,22 @@ def test_persistent_tensors_are_gathered_again_at_the_optimizer_step():
                         gather_s=gather.__getitem__, reduce_s=lambda n: 0.0, ranks=8)
     assert sim.persistent_regather_s == pytest.approx(0.5)
     assert sim.step_s == pytest.approx(2.0 + 1.0 + 0.5)
-    x = predict("roberta-10b", "p4d.24xlarge", 8, strategy="zero3", micro_batch=16, profile="deepspeed-0.5.6")
-    y = predict("roberta-10b", "p4d.24xlarge", 8, strategy="zero3", micro_batch=16, grad_accum=2,
-                profile="deepspeed-0.5.6")
-    # once per optimizer step, not per micro-step: 309 persistent tensors (10 per layer), each a 64-rank ring of 63 latency steps
+    # 309 persistent tensors for RoBERTa-10B (10 per layer), each a 64-rank ring of 63 latency steps
     numels, _ = build_trace("bert", 5120, 30, 20480, 50265, 512, tokens=1, flops_per_s=1.0)
     small = [n for n in numels if n < DS056.persistence_threshold]
     c = CLUSTERS["p4d.24xlarge"]
     per_tensor = sum(ring_time(2 * n, 64, 8, instance=c.name, nic_bytes_per_s=c.inter_node_bandwidth,
                                nvlink_bytes_per_s=c.intra_node_bandwidth * c.intra_node_efficiency) for n in small)
     assert len(small) == 309
-    assert 2 * x.step_time_s - y.step_time_s == pytest.approx(per_tensor, rel=1e-6)
+
+    def step(profile: str, grad_accum: int) -> float:
+        return predict("roberta-10b", "p4d.24xlarge", 8, strategy="zero3", micro_batch=16, grad_accum=grad_accum,
+                       profile=profile).step_time_s
+
+    # v0.6.0 releases them at the optimizer step: gathered once per step, whatever the accumulation
+    assert 2 * step("deepspeed-improved", 1) - step("deepspeed-improved", 2) == pytest.approx(per_tensor, rel=1e-6)
+    # v0.5.6 releases them after every backward: gathered again at every micro-step
+    assert step("deepspeed-0.5.6", 2) == pytest.approx(2 * step("deepspeed-0.5.6", 1), rel=1e-9)
 
 
 def test_sync_before_each_prefetch_serialises_a_prefetch_bucket():

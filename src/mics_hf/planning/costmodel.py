@@ -529,11 +529,12 @@ def _predict_profile(shape: _Shape, c: Cluster, nodes: int, b: int, grad_accum: 
         ranks=n, gpus_per_node=k, instance=c.name, nic_bytes_per_s=c.inter_node_bandwidth,
         nvlink_bytes_per_s=c.intra_node_bandwidth * c.intra_node_efficiency, wire_bytes=profile.wire_bytes)
     sim = simulate_step(profile, numels, visits, gather_s=gather_s, reduce_s=reduce_s, ranks=n)
-    # the persistent tensors are gathered once per optimizer step, not per micro-step
-    regather = sim.persistent_regather_s
+    # the persistent tensors are gathered again once per optimizer step (v0.6.0) or per micro-step (v0.5.6)
+    regather = 0.0 if profile.release_persistent_each_backward else sim.persistent_regather_s
     step, compute = grad_accum * (sim.step_s - regather) + regather, grad_accum * sim.compute_s
     comm = CommBreakdown(forward_all_gather_s=grad_accum * sim.forward_gather_busy_s,
-                         backward_all_gather_s=grad_accum * (sim.gather_busy_s - sim.forward_gather_busy_s) + regather,
+                         backward_all_gather_s=grad_accum * (sim.gather_busy_s - sim.forward_gather_busy_s)
+                         + grad_accum * (sim.persistent_regather_s - regather) + regather,
                          reduce_scatter_s=grad_accum * sim.reduce_busy_s, replica_all_reduce_s=0.0)
     exposed = step - compute
     samples = n * b * grad_accum

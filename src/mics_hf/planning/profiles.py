@@ -46,7 +46,9 @@ Both versions release every gathered parameter after the backward, persistent on
 ``_partition_all_parameters`` -> ``release_and_reset_parameter``; v0.6.0 ``release_and_reset_all``: neither checks
 ``ds_persist``), and ``_post_step`` gathers the persistent ones back through ``_allgather_params_coalesced``: one
 ``_all_gather_base`` per tensor over all ranks, then ``torch.cuda.synchronize()``. For a transformer that is about
-ten latency-bound collectives per layer (biases, LayerNorm weights) once per optimizer step.
+ten latency-bound collectives per layer (biases, LayerNorm weights). v0.5.6 releases them at the end of every
+``backward`` (so under gradient accumulation each later micro-step's forward gathers them again, inline in its
+fetches; counted here at the same cost); v0.6.0 moved the release into ``step``, once per optimizer step.
 
 [Note: which network a prediction uses]
 The ``mics_hf`` profile keeps the default model's network (one ``INTER_NODE_EFFICIENCY``, 14 us per ring step),
@@ -93,7 +95,8 @@ class ImplementationProfile:
     list_api_copies: bool = True  # N copy launches per reduce-scatter on the host
     wait_reductions_per_bucket: bool = True  # reduction_stream.synchronize() before each bucket
     step_id_off_by_one: bool = True  # v0.5.6: trace lookups fail, so no prefetch and no keep-for-later
-    regather_persistent: bool = True  # persistent tensors released after backward, gathered per tensor at step
+    regather_persistent: bool = True  # persistent tensors released and gathered back, one collective per tensor
+    release_persistent_each_backward: bool = True  # v0.5.6: at every micro-step; v0.6.0: at the optimizer step
     launch_s: float = 6.5e-6  # host seconds per copy launch
     host_fetch_s: float = 0.0  # host seconds per sub-module fetch not hidden behind the device
     wire_bytes: int = 2
@@ -117,7 +120,8 @@ _IMPROVED = dataclasses.replace(
     summary="DeepSpeed after PR 1453 (v0.6.0): one coalesced all-gather per sub-module, a fetch queue "
             "prefetching ahead, event waits instead of device syncs, one _reduce_scatter_base per bucket",
     gather_per_tensor=False, device_sync_per_fetch=False, sync_before_each_prefetch=False,
-    prefetch_only_when_idle=False, step_id_off_by_one=False, reduce_per_tensor=False, list_api_copies=False, wait_reductions_per_bucket=False,
+    prefetch_only_when_idle=False, step_id_off_by_one=False, release_persistent_each_backward=False,
+    reduce_per_tensor=False, list_api_copies=False, wait_reductions_per_bucket=False,
     host_fetch_s=0.0,
 )
 _MICS_HF = ImplementationProfile(
@@ -150,6 +154,9 @@ PROFILE_SOURCES: Mapping[str, Mapping[str, str]] = types.MappingProxyType({
                                "release_and_reset_parameter (no ds_persist check); _post_step: "
                                "persistent_parameters[0].all_gather(...) -> partition_parameters.py "
                                "_allgather_params_coalesced (one _all_gather_base per tensor)",
+        "release_persistent_each_backward": f"{_V056} stage3.py backward(): self._partition_all_parameters() after "
+                                            "every loss.backward, so with gradient accumulation each later "
+                                            "micro-step's forward gathers the persistent tensors again",
         "prefetch_numel": f"{_V056} zero/constants.py ZERO_OPTIMIZATION_PREFETCH_BUCKET_SIZE_DEFAULT = 50000000",
         "max_live_numel": f"{_V056} zero/constants.py ZERO_OPTIMIZATION_MAX_LIVE_PARAMETERS_DEFAULT = 1000000000",
         "persistence_threshold": f"{_V056} zero/constants.py ZERO_OPTIMIZATION_PARAM_PERSISTENCE_THRESHOLD_DEFAULT "
@@ -183,6 +190,8 @@ PROFILE_SOURCES: Mapping[str, Mapping[str, str]] = types.MappingProxyType({
                              "per bucket",
         "step_id_off_by_one": f"{_V060} stage3.py setup_zero_stage3_hooks: _pre_forward_hook deleted; the step "
                               "counter is reset at the end of the forward in inference and at the optimizer step",
+        "release_persistent_each_backward": f"{_V060} stage3.py step(): self._partition_all_parameters() once per "
+                                            "optimizer step (moved out of backward())",
         "regather_persistent": f"{_V060} stage3.py release_and_reset_all (no ds_persist check); _post_step: "
                                "persistent_parameters[0].all_gather(...) -> _allgather_params_coalesced, one "
                                "_all_gather_base per tensor",
