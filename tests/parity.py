@@ -84,6 +84,7 @@ def run_parity(
     prefetch: bool = True,
     clip: float | None = None,
     norm_type: float = 2.0,
+    clip_with: str = "mics",
     dtype: torch.dtype = torch.float32,
 ) -> dict:
     torch.use_deterministic_algorithms(True)
@@ -116,7 +117,10 @@ def run_parity(
             ref_loss.backward()
             theirs += ref_loss.detach().double()
         if clip is not None:
-            norm = mics_hf.clip_grad_norm_(net, clip, norm_type=norm_type)
+            if clip_with == "torch":  # the PyTorch-docs call, on the sharded model's own parameters
+                norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip, norm_type=norm_type)
+            else:
+                norm = mics_hf.clip_grad_norm_(net, clip, norm_type=norm_type)
             ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip, norm_type=norm_type)
             norm_diffs.append(abs(norm.item() - ref_norm.item()) / ref_norm.item())
         dist.all_reduce(mine, op=dist.ReduceOp.SUM)

@@ -486,6 +486,47 @@ def test_units_by_class_or_module_name_and_a_warning_for_a_heavy_root(pools):
         assert "['blocks.7']" in res["bad_name"] and "module names" in res["bad_name"], res["bad_name"]
 
 
+# ---- torch.nn.utils.clip_grad_norm_ on the shards -------------------------------------------------------------
+# Its numbers against the reference are in test_parity.py (clip_with="torch"); here what it must refuse or leave
+# alone: see [Note: torch's clip_grad_norm_ on MiCS shards] in mics_hf.engine.clipping.
+def _torch_clip(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    net = mics_hf.shard_model(Net().double(), mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
+    whole = mics_hf.shard_model(Net().double(), mics_hf.MiCSConfig(partition_size=1, devices_per_node=2))  # p = 1
+    twin = mics_hf.shard_model(Net().double(), mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
+    other = mics_hf.shard_model(Net().double(), mics_hf.MiCSConfig(partition_size=4, devices_per_node=2))
+    for model in (net, whole, twin, other):
+        _loss(model, _data(world, hf=False)[rank][0]).backward()
+    out = {}
+    for label, params in (("mixed", [*net.parameters(), nn.Parameter(torch.ones(3))]),
+                          ("two_models", [*net.parameters(), *other.parameters()])):
+        try:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        except ValueError as exc:
+            out[label] = str(exc)
+    # tensors that are no MiCS shards, and a p = 1 model's whole tensors, take torch's own path unchanged
+    plain = nn.Parameter(torch.full((4,), 3.0))
+    plain.grad = torch.full((4,), 3.0)
+    out["plain"] = float(torch.nn.utils.clip_grad_norm_([plain], 1e9))
+    whole_norm = float(torch.nn.utils.clip_grad_norm_(whole.parameters(), 1e9))
+    out["whole"] = abs(whole_norm - float(mics_hf.clip_grad_norm_(whole, 1e9)))
+    sharded_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), 1e9))
+    out["sharded"] = abs(sharded_norm - float(mics_hf.clip_grad_norm_(net, 1e9)))
+    # two models with the same layout share their partition group: one global norm over both
+    both = float(torch.nn.utils.clip_grad_norm_([*net.parameters(), *twin.parameters()], 1e9))
+    out["both"] = abs(both - math.hypot(sharded_norm, float(mics_hf.clip_grad_norm_(twin, 1e9))))
+    return out
+
+
+def test_torch_clip_grad_norm_refuses_a_mix_and_leaves_other_tensors_alone(pools):
+    for res in pools(4).run(_torch_clip):
+        assert "mixed with tensors that are not MiCS shards" in res["mixed"], res
+        assert "mixed with shards split over a different partition group" in res["two_models"], res
+        assert "mics_hf.clip_grad_norm_(model, max_norm)" in res["mixed"], res
+        assert res["plain"] == pytest.approx(6.0)  # torch's own 2-norm of four 3s
+        assert res["whole"] < 1e-12 and res["sharded"] < 1e-12 and res["both"] < 1e-12, res
+
+
 # ---- a model loaded in bf16 ---------------------------------------------------------------------------------
 def _bf16_loaded(rank: int, world: int) -> dict:
     torch.manual_seed(0)

@@ -3,7 +3,8 @@
 World 8 with 2 or 4 devices per node, p in {1, 2, 4, 8}, hierarchical on and off, accumulation 1 and 4, a
 tiny GPT-2 and BERT with tied embeddings and odd sizes that need padding, activation checkpointing
 (reentrant and not), prefetch on and off, global gradient clipping (2-norm and inf-norm, with a max_norm small
-enough to clip), and a world of one.
+enough to clip; through mics_hf.clip_grad_norm_ and through torch.nn.utils.clip_grad_norm_ on the shards),
+and a world of one.
 
 Two kinds of bound, so that a bug and a rounding change can never be confused:
 
@@ -44,6 +45,9 @@ CASES = [
     ("bert", 2, 4, True, 4, {}),
     ("bert", 4, 8, False, 1, {}),
     ("bert", 2, 2, "auto", 1, {"checkpointing": True}),
+    # torch.nn.utils.clip_grad_norm_(model.parameters(), ...) on the shards: the global norm, as FSDP2 gives
+    ("gpt2", 2, 4, True, 2, {"clip": 0.05, "clip_with": "torch"}),
+    ("bert", 4, 8, "auto", 1, {"clip": 0.05, "norm_type": float("inf"), "clip_with": "torch"}),
 ]
 
 

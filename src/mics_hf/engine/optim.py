@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .clipping import global_grad_norm
 from .shard import get_state
 
 __all__ = ["clip_grad_norm_", "grad_scaler", "sharded_grad_scaler"]
@@ -21,23 +20,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     Call it after the backward that synchronised (outside no_sync()), as with torch's clip_grad_norm_.
     """
     state = get_state(model)
-    norm_type = float(norm_type)
     grads = [sp.sharded.grad for _, g in state.units for sp in g.params if sp.sharded.grad is not None]
-    device = state.root_unit.device
-    dtype = state.policy.master_dtype  # float32, or float64 for a float64 model
-    if norm_type == math.inf:
-        local = max((g.detach().abs().max() for g in grads if g.numel()), default=torch.zeros((), device=device))
-        total = local.to(device=device, dtype=dtype).clone()
-        op = dist.ReduceOp.MAX
-    else:
-        local = sum((g.detach().to(dtype).norm(norm_type) ** norm_type for g in grads if g.numel()), torch.zeros((), device=device, dtype=dtype))
-        total = local.to(dtype)
-        op = dist.ReduceOp.SUM
     pg = state.units[-1][1].groups.partition.pg
-    if pg is not None:
-        dist.all_reduce(total, op=op, group=pg)
-    if norm_type != math.inf:
-        total = total ** (1.0 / norm_type)
+    # accumulate in the master dtype: float32, or float64 for a float64 model
+    total = global_grad_norm(grads, norm_type, pg, state.root_unit.device, state.policy.master_dtype)
     clip = float(max_norm) / (total + 1e-6)
     if grads:
         torch._foreach_mul_(grads, torch.clamp(clip, max=1.0))

@@ -33,6 +33,7 @@ from .topology import (
     world_and_rank,
 )
 from .buffers import BufferPool, GatheredUnits
+from .clipping import register_shards
 from .unit import CommStreams, ShardedParam, ShardedUnit, TagChecks, UnitGroups, shard_rows
 
 __all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state", "WeightSource", "register_model_method", "original_method", "persistent_buffers"]
@@ -527,6 +528,9 @@ def shard_model(
     state.pool = pool
     state.replaced = replaced
     setattr(model, _STATE_ATTR, state)
+    # torch.nn.utils.clip_grad_norm_(model.parameters(), ...) must see the global norm ([Note: torch's
+    # clip_grad_norm_ on MiCS shards] in clipping.py)
+    register_shards([sp.sharded for _, u in units for sp in u.params], groups.partition.pg)
     model.__class__ = _mics_class(type(model))
     # Accelerate skips DDP wrapping for modules marked as prepared: MiCS does its own gradient communication.
     model._is_accelerate_prepared = True
