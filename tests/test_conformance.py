@@ -527,6 +527,34 @@ def test_torch_clip_grad_norm_refuses_a_mix_and_leaves_other_tensors_alone(pools
         assert res["whole"] < 1e-12 and res["sharded"] < 1e-12 and res["both"] < 1e-12, res
 
 
+# ---- an optimizer built before shard_model -------------------------------------------------------------------
+def _stale_optimizer(rank: int, world: int, *, p: int) -> dict:
+    torch.manual_seed(0)
+    model = Net().double()
+    early = torch.optim.SGD(model.parameters(), lr=0.1)  # DDP order: fine there, stale here
+    net = mics_hf.shard_model(model, mics_hf.MiCSConfig(partition_size=p, devices_per_node=2))
+    late = torch.optim.SGD(net.parameters(), lr=0.1)
+    _loss(net, _data(world, hf=False)[rank][0]).backward()
+    out = {}
+    try:
+        early.step()
+    except RuntimeError as exc:
+        out["early"] = str(exc)
+    weights = mics_hf.full_state_dict(net, rank0_only=False)
+    late.step()  # the optimizer built on the shards updates every weight
+    after = mics_hf.full_state_dict(net, rank0_only=False)
+    out["late_moved"] = all(not torch.equal(weights[k], after[k]) for k in weights)
+    return out
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_an_optimizer_built_before_sharding_fails_at_its_first_step(pools, p):
+    for res in pools(2).run(_stale_optimizer, p=p):
+        assert "holds parameter 'inp.weight' as it was before mics_hf.shard_model" in res["early"], res
+        assert "Build the optimizer after shard_model" in res["early"], res
+        assert res["late_moved"], res
+
+
 # ---- a model loaded in bf16 ---------------------------------------------------------------------------------
 def _bf16_loaded(rank: int, world: int) -> dict:
     torch.manual_seed(0)
