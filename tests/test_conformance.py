@@ -555,6 +555,32 @@ def test_an_optimizer_built_before_sharding_fails_at_its_first_step(pools, p):
         assert res["late_moved"], res
 
 
+# ---- copying a sharded model ----------------------------------------------------------------------------------
+def _copies(rank: int, world: int) -> dict:
+    import io
+    import pickle
+
+    net = mics_hf.shard_model(Net(), mics_hf.MiCSConfig(partition_size=2, devices_per_node=2))
+    out = {}
+    for label, attempt in (("deepcopy", lambda: copy.deepcopy(net)),  # was a segfault inside torch
+                           ("ema", lambda: torch.optim.swa_utils.AveragedModel(net)),
+                           ("torch.save", lambda: torch.save(net, io.BytesIO())),
+                           ("pickle", lambda: pickle.dumps(net))):
+        try:
+            attempt()
+        except TypeError as exc:
+            out[label] = str(exc)
+    return out
+
+
+def test_a_sharded_model_refuses_to_be_copied_or_pickled_naming_the_way_out(pools):
+    for res in pools(2).run(_copies):
+        for label in ("deepcopy", "ema"):
+            assert "cannot be deep-copied" in res[label] and "copy the model before shard_model" in res[label], res
+        for label in ("torch.save", "pickle"):
+            assert "cannot be pickled" in res[label] and "mics_hf.save_checkpoint" in res[label], res
+
+
 # ---- a model loaded in bf16 ---------------------------------------------------------------------------------
 def _bf16_loaded(rank: int, world: int) -> dict:
     torch.manual_seed(0)

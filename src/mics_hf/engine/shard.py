@@ -72,6 +72,23 @@ class MiCSModule:
         """Free every gathered parameter (e.g. after generation outside a training step)."""
         self.mics_state.reshard_all()
 
+    # A sharded model's state holds process groups, streams and shared buffers: copying it segfaulted inside
+    # torch (deepcopy of a ProcessGroup) and pickling failed on the class. Say what to do instead.
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError(
+            f"a {type(self).__name__} sharded by mics_hf cannot be deep-copied (its state holds process groups "
+            "and communication buffers). For an EMA, teacher or reference model, copy the model before "
+            "shard_model and shard the copy as well, or build an unsharded copy from "
+            "mics_hf.full_state_dict(model)"
+        )
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise TypeError(
+            f"a {type(self).__name__} sharded by mics_hf cannot be pickled (torch.save(model)); save it with "
+            "mics_hf.save_checkpoint(...) to resume, or model.save_pretrained(...) / "
+            "mics_hf.full_state_dict(model) for the full weights"
+        )
+
 
 _CLASS_CACHE: dict[type, type] = {}
 _MODEL_METHODS: dict[str, Callable] = {}
