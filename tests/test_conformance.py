@@ -515,6 +515,14 @@ def _torch_clip(rank: int, world: int) -> dict:
     # two models with the same layout share their partition group: one global norm over both
     both = float(torch.nn.utils.clip_grad_norm_([*net.parameters(), *twin.parameters()], 1e9))
     out["both"] = abs(both - math.hypot(sharded_norm, float(mics_hf.clip_grad_norm_(twin, 1e9))))
+    # a non-finite element in one shard (and its replica, as hop 2 leaves it) makes every rank's global norm
+    # non-finite: all raise together
+    if rank % 2 == 0:  # position 0 of each partition group {0, 1}, {2, 3}
+        next(q for q in net.parameters() if q.grad is not None and q.grad.numel()).grad.view(-1)[0] = math.nan
+    try:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, error_if_nonfinite=True)
+    except RuntimeError as exc:
+        out["nonfinite"] = str(exc)
     return out
 
 
@@ -525,6 +533,7 @@ def test_torch_clip_grad_norm_refuses_a_mix_and_leaves_other_tensors_alone(pools
         assert "mics_hf.clip_grad_norm_(model, max_norm)" in res["mixed"], res
         assert res["plain"] == pytest.approx(6.0)  # torch's own 2-norm of four 3s
         assert res["whole"] < 1e-12 and res["sharded"] < 1e-12 and res["both"] < 1e-12, res
+        assert "global norm (order 2.0) is nan" in res["nonfinite"], res
 
 
 # ---- an optimizer built before shard_model -------------------------------------------------------------------
