@@ -3,7 +3,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
-# The suite starts a few hundred Python processes (torchrun / accelerate ranks, worker pools), each importing
+# The suite starts many Python processes (torchrun / accelerate ranks, worker pools), each importing
 # mics_hf from source; with PYTHONDONTWRITEBYTECODE set (as on some machines) every one would compile it
 # again. Compile once here (only what changed since the last run); site-packages were compiled by pip.
 python -m compileall -q src tests recipes >/dev/null || true

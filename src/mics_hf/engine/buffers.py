@@ -56,10 +56,6 @@ class BufferPool:
         self._free[(name, buf.dtype, buf.numel())].append((buf, ready))
         self.in_use -= 1
 
-    def num_buffers(self) -> int:
-        """Buffers held by the pool now, free or in use."""
-        return self.in_use + sum(len(v) for v in self._free.values())
-
     def free_by_class(self) -> dict[tuple, int]:
         """Free buffers per (name, dtype, numel): between steps, every buffer of each class."""
         return {key: len(v) for key, v in self._free.items()}

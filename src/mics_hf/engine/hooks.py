@@ -121,7 +121,7 @@ class MiCSState:
         self._hop1_started: list[ShardedUnit] = []  # hop 1 launched, hop 2 not yet (this backward)
         self._hop2_started: set[int] = set()
         self._last_hop2: ShardedUnit | None = None
-        self.replaced: dict[int, Any] = {}  # id(original parameter) -> (weakref, shard); set by shard_model
+        self.replaced: dict[int, Any] = {}  # id(original parameter) -> (weakref, shard, name); set by shard_model
         # Inference that runs many forwards in a row (generate()): units stay gathered from one no-grad forward to
         # the next instead of being gathered again at every decoding step; see generation.py.
         self.keep_gathered = False

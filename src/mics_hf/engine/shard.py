@@ -34,7 +34,7 @@ from .topology import (
 )
 from .buffers import BufferPool, GatheredUnits
 from .clipping import register_shards
-from .stale_optimizer import register_replaced
+from .stale_optimizer import register_sharded
 from .unit import CommStreams, ShardedParam, ShardedUnit, TagChecks, UnitGroups, shard_rows
 
 __all__ = ["shard_model", "MiCSModule", "is_sharded", "get_state", "WeightSource", "register_model_method", "original_method", "persistent_buffers"]
@@ -509,8 +509,7 @@ def shard_model(
     _warn_if_root_is_heavy(model, assignment, topology.partition_size)
     units: list[tuple[nn.Module, ShardedUnit]] = []
     checks = TagChecks(lambda i: repr(units[i][1].label) if 0 <= i < len(units) else f"unit #{i}")
-    replaced: dict[int, tuple[weakref.ref, nn.Parameter]] = {}
-    stale: list[tuple[str, nn.Parameter]] = []  # what an optimizer built before sharding would hold
+    replaced: dict[int, tuple[weakref.ref, nn.Parameter, str]] = {}
     # innermost units first (deepest path first, the root last): a unit's materialisation then never touches
     # modules of a nested unit, whose parameters are already shards
     ordered = sorted(unit_entries, key=lambda e: -e[0].count(".")) + [("", model)]
@@ -523,9 +522,7 @@ def shard_model(
                 fqn, p, uses, p=topology.partition_size, position=topology.position, policy=policy, local=local,
                 device=device,
             )
-            replaced[id(original)] = (weakref.ref(original), sp.sharded)
-            if original is not sp.sharded:
-                stale.append((fqn, original))
+            replaced[id(original)] = (weakref.ref(original), sp.sharded, fqn)
             sharded.append(sp)
         if not sharded and module is not model:
             continue
@@ -552,7 +549,7 @@ def shard_model(
     # torch.nn.utils.clip_grad_norm_(model.parameters(), ...) must see the global norm ([Note: torch's
     # clip_grad_norm_ on MiCS shards] in clipping.py)
     register_shards([sp.sharded for _, u in units for sp in u.params], groups.partition.pg)
-    register_replaced(stale)  # [Note: an optimizer built before sharding] in stale_optimizer.py
+    register_sharded(state)  # [Note: an optimizer built before sharding] in stale_optimizer.py
     model.__class__ = _mics_class(type(model))
     # Accelerate skips DDP wrapping for modules marked as prepared: MiCS does its own gradient communication.
     model._is_accelerate_prepared = True

@@ -505,10 +505,6 @@ class ShardedUnit:
         if self._reduce_work is not None:
             self._reduce_work.advance()
 
-    @property
-    def reduce_in_flight(self) -> bool:
-        return self._reduce_work is not None
-
     def wait_reduce(self) -> None:
         """Finish hop 1 and add the partition group's sum / p to the shard gradients ([Note: gradient scaling])."""
         if self._reduce_work is None:
